@@ -1,0 +1,102 @@
+"""Every error the service reports, in one tree.
+
+    InspectorError            base: an error type, an HTTP status, a message, details
+    ├── BadImage              400  corrupt or truncated image
+    ├── PayloadTooLarge       413  too many bytes, pixels or images
+    ├── UnsupportedMedia      415  not an image, or a format we do not decode
+    ├── NotFound              404  (UnknownModel, UnknownJob, UnknownArtifact)
+    ├── BadParams             422  params that fail their schema or do not fit the model
+    │   └── UnsupportedMethod 422  a method that cannot run on this model (names the layer)
+    ├── QueueUnavailable      503  Redis unreachable (with Retry-After)
+    ├── NoWorker              503  no worker answered a synchronous call in time
+    └── JobFailure            500-class errors raised inside a job (type names the cause)
+
+Both the API and the workers raise these; the API maps them to HTTP in exactly one place
+(``service.errors.install_error_handlers``); a job stores ``{"type", "message"}`` of the
+error that ended it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class InspectorError(Exception):
+    type = "error"
+    status = 500
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorBody(type=self.type, message=self.message, details=self.details))
+
+
+class BadImage(InspectorError):
+    type, status = "bad_image", 400
+
+
+class PayloadTooLarge(InspectorError):
+    type, status = "payload_too_large", 413
+
+
+class UnsupportedMedia(InspectorError):
+    type, status = "unsupported_media_type", 415
+
+
+class NotFound(InspectorError):
+    type, status = "not_found", 404
+
+
+class UnknownModel(NotFound):
+    type = "unknown_model"
+
+
+class UnknownJob(NotFound):
+    type = "unknown_job"
+
+
+class UnknownArtifact(NotFound):
+    type = "unknown_artifact"
+
+
+class BadParams(InspectorError):
+    type, status = "bad_params", 422
+
+
+class UnsupportedMethod(BadParams):
+    type = "unsupported_method"
+
+
+class QueueUnavailable(InspectorError):
+    type, status = "queue_unavailable", 503
+    retry_after_s = 5
+
+
+class NoWorker(InspectorError):
+    type, status = "no_worker", 503
+    retry_after_s = 10
+
+
+class JobFailure(InspectorError):
+    """An error inside a job that is not the client's fault (``type`` says which)."""
+
+    type, status = "job_failed", 500
+
+    def __init__(self, message: str, type: str = "job_failed", details: Any = None) -> None:
+        super().__init__(message, details)
+        self.type = type

@@ -1,0 +1,89 @@
+"""Jobs as the API shows them, predictions, and the payload the API queues for a worker."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from schemas.errors import ErrorBody
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    started = "started"
+    finished = "finished"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.finished, JobStatus.failed, JobStatus.canceled)
+
+
+class Progress(BaseModel):
+    done: int = 0
+    total: int = 0
+    stage: str = "queued"
+
+
+class ArtifactLink(BaseModel):
+    name: str
+    url: str
+    media_type: str
+    size: int = Field(description="bytes")
+
+
+class JobView(BaseModel):
+    id: str
+    kind: str
+    model_id: str
+    status: JobStatus
+    progress: Progress
+    params: dict[str, Any]
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    error: ErrorBody | None = None
+    result: dict[str, Any] | None = None
+    artifacts: list[ArtifactLink] = Field(default_factory=list)
+    deduplicated: bool = Field(False, description="true when an identical earlier submission was reused")
+
+
+class JobPayload(BaseModel):
+    """What the API enqueues (as JSON) for ``workers.tasks.run_job``."""
+
+    kind: str
+    model_id: str
+    model_version: str
+    inputs: list[str] = Field(description="Redis keys of the normalised input PNGs")
+    params: dict[str, Any]
+
+
+class ClassScore(BaseModel):
+    index: int
+    label: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    top: list[ClassScore]
+
+
+class PredictResponse(BaseModel):
+    model_id: str
+    model_version: str
+    predictions: list[Prediction] = Field(description="one per input image, in order")
+    runtime_ms: float
+
+
+class Base64Images(BaseModel):
+    """JSON form of a submission: images as base64 (``image_base64`` one, ``images_base64`` many)."""
+
+    model_id: str | None = None
+    image_base64: str | None = None
+    images_base64: list[str] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    top_k: int | None = None

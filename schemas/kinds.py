@@ -1,0 +1,39 @@
+"""The catalogue of job kinds: name -> params schema, queue, description.
+
+``GET /v1/methods`` is generated from this table, the API validates submissions with it,
+and the worker looks the kind's ``run`` function up by the same name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel
+
+from schemas.params import SaliencyParams
+
+Queue = Literal["high", "default", "low"]
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    name: str
+    params: type[BaseModel]
+    queue: Queue
+    description: str
+    min_images: int = 1
+    max_images: int | None = None  # None = the server's per-request limit
+
+
+KINDS: dict[str, KindSpec] = {
+    spec.name: spec
+    for spec in [
+        KindSpec(
+            "saliency",
+            SaliencyParams,
+            "high",
+            "Input-gradient saliency map of the target class (Simonyan et al. 2014).",
+        ),
+    ]
+}

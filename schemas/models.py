@@ -1,0 +1,81 @@
+"""Model manifests (what a model directory declares) and the model info the API returns.
+
+A model directory under ``models_dir`` holds ``manifest.json`` plus its weights file. The
+built-in models are written there by ``python -m workers prepare``; users drop their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Preprocessing(BaseModel):
+    """How an RGB image becomes the model's input tensor ``(C, H, W)``.
+
+    ``x = (pixel * scale - mean) / std`` per channel after resizing to ``size`` (H, W).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: tuple[int, int] = Field(description="(height, width) in pixels")
+    mode: Literal["RGB", "L"] = "RGB"
+    resize: Literal["stretch", "shorter_side_center_crop"] = "stretch"
+    scale: float = 1 / 255
+    mean: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+
+class TrainingSet(BaseModel):
+    """A training set registered with a model (for influence functions and sweeps)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["builtin", "imagefolder"]
+    name: str | None = Field(None, description="built-in data set name, e.g. 'sklearn-digits'")
+    path: str | None = Field(None, description="ImageFolder directory, relative to the model dir")
+
+
+class ModelManifest(BaseModel):
+    """``manifest.json`` of a model directory."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    description: str = ""
+    architecture: Literal["torchvision", "torchscript", "efficientnet_lite", "digits_cnn"]
+    arch_name: str | None = Field(None, description="e.g. 'resnet18' for torchvision")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str = Field(description="weights file in the model dir (.safetensors or .pt state dict)")
+    sha256: str | None = Field(None, description="expected sha256 of the weights file")
+    preprocessing: Preprocessing
+    labels: list[str]
+    gradcam_layer: str | None = Field(None, description="module name for Grad-CAM-style methods")
+    layers: list[str] = Field(default_factory=list, description="layers of interest (module names)")
+    module_types: dict[str, str] = Field(
+        default_factory=dict, description="module name -> class name, for checks made before queueing"
+    )
+    training_set: TrainingSet | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    description: str
+    version: str = Field(description="sha256 of the weights file")
+    architecture: str
+    input_size: tuple[int, int]
+    input_mode: str
+    num_classes: int
+    labels: list[str]
+    gradcam_layer: str | None
+    layers: list[str]
+    has_training_set: bool
+    metrics: dict[str, float]
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]

@@ -1,0 +1,109 @@
+"""What every job kind receives and returns.
+
+A kind module exposes ``run(model: LoadedModel, inputs: Inputs, params, progress) -> KindResult``.
+The generic pipeline (``workers.pipeline``) loads the model, decodes and preprocesses the
+images, picks targets, calls ``run`` and stores what it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from schemas.models import ModelManifest
+
+
+class ProgressFn(Protocol):
+    def __call__(self, done: int, total: int, stage: str) -> None:
+        """Report ``done`` of ``total`` units of work in ``stage``; raises ``JobCanceled``
+        when the client canceled the job, so long loops stop at the next chunk."""
+
+
+def no_progress(done: int, total: int, stage: str) -> None:
+    """A progress callback that reports nowhere (for direct calls and tests)."""
+
+
+ForwardFn = Callable[[torch.Tensor], torch.Tensor]
+"""Logits ``(N, K)`` of a batch ``(N, C, H, W)``; forward only, no gradients."""
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded once per worker and kept warm.
+
+    ``module`` is in eval mode on ``device`` with ``requires_grad=False`` on its parameters
+    (gradient methods differentiate with respect to the input only). ``forward`` is the
+    fastest forward-only engine for it (ONNX Runtime when it matches eager, else eager);
+    use it for every evaluation that needs no gradient. ``batch_size`` is the chunk size
+    measured for forward passes on this device, ``grad_batch_size`` for forward+backward.
+    """
+
+    manifest: ModelManifest
+    version: str
+    module: nn.Module
+    device: torch.device
+    forward: ForwardFn
+    batch_size: int = 16
+    grad_batch_size: int = 8
+    engine_name: str = "eager"
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest.labels)
+
+    def submodule(self, name: str) -> nn.Module:
+        """The module called ``name`` (as in ``named_modules``); BadParams if absent."""
+        from schemas.errors import BadParams
+
+        try:
+            return self.module.get_submodule(name)
+        except AttributeError:
+            raise BadParams(f"model {self.id!r} has no layer {name!r}", details={"layer": name}) from None
+
+
+@dataclass
+class Inputs:
+    """The job's images, preprocessed, with their targets.
+
+    images:  ``(N, C, H, W)`` float tensor on the model's device, normalised for the model.
+    display: N uint8 arrays ``(H, W, 3)``, the same images resized to the model's input
+             size before normalisation (what overlays are drawn on).
+    targets: ``(N,)`` long tensor, the class explained for each image.
+    probs:   ``(N, K)`` softmax probabilities of the unperturbed images.
+    """
+
+    images: torch.Tensor
+    display: list[np.ndarray]
+    targets: torch.Tensor
+    probs: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class Artifact:
+    name: str
+    data: bytes
+    media_type: str
+
+
+@dataclass
+class KindResult:
+    """``summary`` is the JSON result (small); ``artifacts`` the PNG/NPY/CSV files."""
+
+    summary: dict[str, Any]
+    artifacts: list[Artifact] = field(default_factory=list)
+
+
+class JobCanceled(Exception):
+    """Raised by a progress callback when the job was canceled."""

@@ -1,0 +1,1 @@
+"""Built-in model architectures and how they are prepared."""
