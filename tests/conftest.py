@@ -67,3 +67,140 @@ def chelsea():
     from skimage import data
 
     return data.chelsea()
+
+
+# --- real Redis, real workers --------------------------------------------------------------
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+    def start(self) -> None:
+        self.process = _spawn_redis(self.port)
+
+
+def _spawn_redis(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    port = free_port()
+    server = RedisServer(port, _spawn_redis(port))
+    yield server
+    server.process.kill()
+    server.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def settings(redis_server: RedisServer, models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from schemas.settings import Settings
+
+    return Settings(
+        redis_url=redis_server.url,
+        models_dir=models_dir,
+        cache_dir=tmp_path_factory.mktemp("worker-cache"),
+        device="cpu",
+        predict_timeout_s=60,
+        worker_heartbeat_s=1,
+        worker_lost_after_s=4,
+    )
+
+
+def settings_env(settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[f"INSPECTOR_{name.upper()}"] = str(value)
+    return env
+
+
+def start_worker(settings, *extra: str) -> subprocess.Popen:
+    """A real worker process (``python -m workers worker``) on all queues."""
+    from redis import Redis
+    from rq import Worker
+
+    conn = Redis.from_url(settings.redis_url)
+    before = {w.name for w in Worker.all(connection=conn)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers", "worker", *extra], env=settings_env(settings), cwd=ROOT
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if {w.name for w in Worker.all(connection=conn)} - before:
+            return proc
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("worker did not register")
+
+
+@pytest.fixture(scope="session")
+def worker(settings) -> Iterator[subprocess.Popen]:
+    proc = start_worker(settings, "--preload", "digits-cnn")
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def app(settings):
+    from service.main import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app, worker):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture
+def api(app):
+    """A client with no worker guarantee (for errors answered before any job runs)."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as c:
+        yield c

@@ -1,0 +1,40 @@
+"""Redis key names and queue names, shared by the API and the workers.
+
+Storage choice: inputs (normalised PNGs) and artifacts live in Redis beside the jobs, so every
+worker and API replica on any host reads them without a shared disk. They expire with the
+job's result TTL. Limit: Redis holds them in memory, so uploads are capped
+(``max_upload_bytes``) and large outputs stay in the low megabytes per job; a deployment that
+needs gigabytes of artifacts would move them to object storage behind the same two functions.
+"""
+
+from __future__ import annotations
+
+PREFIX = "inspector"
+QUEUES = ("high", "default", "low")
+PREDICT_FUNC = "workers.tasks.predict"
+RUN_JOB_FUNC = "workers.tasks.run_job"
+
+
+def input_key(sha256: str) -> str:
+    return f"{PREFIX}:input:{sha256}"
+
+
+def artifact_key(job_id: str, name: str) -> str:
+    return f"{PREFIX}:artifact:{job_id}:{name}"
+
+
+def reply_key(job_id: str) -> str:
+    """List a worker pushes a synchronous (predict) reply onto; the API BLPOPs it."""
+    return f"{PREFIX}:reply:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{PREFIX}:cancel:{job_id}"
+
+
+def submit_lock_key(job_id: str) -> str:
+    return f"{PREFIX}:submit-lock:{job_id}"
+
+
+STATS_KEY = f"{PREFIX}:stats"
+"""Hash of counters workers increment: ``jobs:<kind>:<status>``, ``seconds:<kind>``."""

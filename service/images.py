@@ -1,0 +1,88 @@
+"""Decoding and validating uploaded images with Pillow (no torch).
+
+Only PNG, JPEG, WebP, BMP, TIFF and GIF are decoded (Pillow's other plugins are off).
+Checks, in order: byte size (413) -> format (415) -> pixel count from the header, before
+decoding (413: decompression bombs) -> full decode (400 when corrupt or truncated). Then
+EXIF orientation is applied and every mode becomes 8-bit RGB: palette and grey as RGB,
+alpha composited on white, 16-bit and 32-bit integer images scaled by their type's range,
+float images clipped to [0, 1]. The normalised image is stored as PNG for the workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from schemas.errors import BadImage, PayloadTooLarge, UnsupportedMedia
+
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+Image.MAX_IMAGE_PIXELS = None  # our own limit is applied before decoding, from settings
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    png: bytes  # normalised 8-bit RGB PNG
+    sha256: str  # of the uploaded bytes
+    width: int
+    height: int
+    format: str
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.uint16)
+        return Image.fromarray((arr >> 8).astype(np.uint8)).convert("RGB")
+    if img.mode == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        top = 65535 if arr.max(initial=0) <= 65535 else 2**31 - 1
+        return Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}", details={"limit": max_bytes})
+    if not data:
+        raise BadImage("empty image file")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise UnsupportedMedia(
+            "not an image, or a format that is not supported", details={"supported": list(FORMATS)}
+        ) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage(f"cannot read image: {e}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+            details={"limit": max_pixels},
+        )
+    if width == 0 or height == 0:
+        raise BadImage("image has no pixels")
+    fmt = img.format or "?"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, EOFError) as e:
+        raise BadImage(f"corrupt or truncated image: {e}") from None
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", compress_level=1)
+    return DecodedImage(buf.getvalue(), hashlib.sha256(data).hexdigest(), rgb.width, rgb.height, fmt)

@@ -1,0 +1,34 @@
+"""The FastAPI application: ``create_app()``; ``service.main:app`` for uvicorn."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from schemas.settings import Settings, get_settings
+from service.deps import redis_for
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+from service.routes import health, jobs, methods, models
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="Model Inspector",
+        version="1.0.0",
+        description="Predictions and explanations (attributions, U Analysis, influence, ...) "
+        "for PyTorch image classifiers, as jobs run by GPU workers through Redis.",
+    )
+    if settings is not get_settings():
+        app.dependency_overrides[get_settings] = lambda: settings
+    app.state.registry = ModelRegistry(settings.models_dir)
+    app.state.metrics = Metrics(lambda: redis_for(settings.redis_url, settings.redis_timeout_s))
+    app.middleware("http")(app.state.metrics.middleware)
+    install_error_handlers(app)
+    for r in (health.router, models.router, methods.router, jobs.router):
+        app.include_router(r)
+    return app
+
+
+app = create_app()

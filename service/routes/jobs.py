@@ -1,0 +1,113 @@
+"""``/v1/jobs``: submit, read, follow (SSE), fetch artifacts, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from schemas.errors import BadParams, NotFound, UnknownArtifact
+from schemas.jobs import JobStatus, JobView
+from schemas.kinds import KINDS
+from service import jobs
+from service.deps import MetricsDep, RedisDep, RegistryDep, SettingsDep
+from service.openapi import ERRORS, SUBMISSION_BODY
+from service.uploads import read_submission
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+POLL_S = 0.05
+
+
+async def _view(conn: RedisDep, job_id: str, base_url: str = "", deduplicated: bool = False) -> JobView:
+    job = await asyncio.to_thread(jobs.fetch, conn, job_id)
+    return await asyncio.to_thread(jobs.view, job, conn, base_url, deduplicated)
+
+
+@router.post(
+    "/{kind}",
+    response_model=JobView,
+    status_code=202,
+    responses={200: {"model": JobView, "description": "finished (within ?wait= or reused)"}, **ERRORS},
+    openapi_extra=SUBMISSION_BODY,
+)
+async def submit(
+    kind: str,
+    request: Request,
+    conn: RedisDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    wait: float = Query(0, ge=0, le=600, description="seconds to wait for the result"),
+) -> JSONResponse:
+    spec = KINDS.get(kind)
+    if spec is None:
+        raise NotFound(f"unknown job kind {kind!r}", details={"known": sorted(KINDS)})
+    sub = await read_submission(request, settings)
+    if not sub.model_id:
+        raise BadParams("model_id is required")
+    entry = registry.get(sub.model_id)
+    params = jobs.validate_params(spec, sub.params)
+    jobs.check_request(spec, entry, params, len(sub.images), settings)
+    job, reused = await asyncio.to_thread(jobs.submit, conn, settings, kind, entry, sub.images, params)
+    metrics.submitted.labels(kind, str(reused).lower()).inc()
+    view = await _view(conn, job.id, settings.public_url, reused)
+    deadline = asyncio.get_running_loop().time() + wait
+    while not view.status.terminal and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(POLL_S)
+        view = await _view(conn, job.id, settings.public_url, reused)
+    status = 200 if view.status is JobStatus.finished else 202
+    return JSONResponse(
+        view.model_dump(mode="json"), status_code=status, headers={"Location": f"/v1/jobs/{job.id}"}
+    )
+
+
+@router.get("/{job_id}", response_model=JobView, responses=ERRORS)
+async def get_job(job_id: str, conn: RedisDep, settings: SettingsDep) -> JobView:
+    return await _view(conn, job_id, settings.public_url)
+
+
+@router.get("/{job_id}/events", responses=ERRORS, response_class=EventSourceResponse)
+async def job_events(job_id: str, conn: RedisDep, settings: SettingsDep) -> EventSourceResponse:
+    """Server-Sent Events: ``progress`` on every change of status or progress, then one
+    ``end`` event with the terminal job (result included), then the stream closes."""
+    first = await _view(conn, job_id, settings.public_url)
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        view, last = first, None
+        while True:
+            if view.status.terminal:
+                yield {"event": "end", "data": view.model_dump_json()}
+                return
+            state = (view.status, view.progress)
+            if state != last:
+                yield {"event": "progress", "data": view.model_dump_json(include={"id", "status", "progress"})}
+                last = state
+            await asyncio.sleep(0.2)
+            view = await _view(conn, job_id, settings.public_url)
+
+    return EventSourceResponse(events(), ping=15)
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    responses={200: {"content": {"image/png": {}, "application/x-npy": {}, "text/csv": {}}}, **ERRORS},
+    response_class=Response,
+)
+async def get_artifact(job_id: str, name: str, conn: RedisDep) -> Response:
+    job = await asyncio.to_thread(jobs.fetch, conn, job_id)
+    found = await asyncio.to_thread(jobs.artifact, conn, job, name)
+    if found is None:
+        raise UnknownArtifact(f"job {job_id!r} has no artifact {name!r}")
+    data, media_type = found
+    return Response(data, media_type=media_type, headers={"Content-Disposition": f'inline; filename="{name}"'})
+
+
+@router.delete("/{job_id}", response_model=JobView, responses=ERRORS)
+async def cancel_job(job_id: str, conn: RedisDep, settings: SettingsDep) -> JobView:
+    """Cancel a queued job at once; a running one stops at its next progress report."""
+    job = await asyncio.to_thread(jobs.fetch, conn, job_id)
+    await asyncio.to_thread(jobs.cancel, conn, job)
+    return await _view(conn, job_id, settings.public_url)

@@ -1,0 +1,42 @@
+"""``/v1/methods``: every job kind with the JSON schema of its params (defaults included)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from schemas.kinds import KINDS
+
+router = APIRouter(prefix="/v1", tags=["methods"])
+
+
+class KindInfo(BaseModel):
+    kind: str
+    queue: str
+    description: str
+    min_images: int
+    max_images: int | None
+    params_schema: dict[str, Any]
+
+
+class MethodList(BaseModel):
+    kinds: list[KindInfo]
+
+
+@router.get("/methods", response_model=MethodList)
+def list_methods() -> MethodList:
+    return MethodList(
+        kinds=[
+            KindInfo(
+                kind=spec.name,
+                queue=spec.queue,
+                description=spec.description,
+                min_images=spec.min_images,
+                max_images=spec.max_images,
+                params_schema=spec.params.model_json_schema(),
+            )
+            for spec in KINDS.values()
+        ]
+    )

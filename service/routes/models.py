@@ -1,0 +1,45 @@
+"""``/v1/models``: list, describe, and predict synchronously."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+
+from schemas.errors import BadParams
+from schemas.jobs import PredictResponse
+from schemas.models import ModelInfo, ModelList
+from service import jobs
+from service.deps import RedisDep, RegistryDep, SettingsDep
+from service.openapi import ERRORS, SUBMISSION_BODY
+from service.uploads import read_submission
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=ModelList)
+def list_models(registry: RegistryDep) -> ModelList:
+    return ModelList(models=[e.info() for e in registry.entries().values()])
+
+
+@router.get("/{model_id}", response_model=ModelInfo, responses=ERRORS)
+def get_model(model_id: str, registry: RegistryDep) -> ModelInfo:
+    return registry.get(model_id).info()
+
+
+@router.post(
+    "/{model_id}/predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    openapi_extra=SUBMISSION_BODY,
+    summary="Top-k classes of one or several images (waits for a worker on the high queue)",
+)
+async def predict(
+    model_id: str, request: Request, registry: RegistryDep, conn: RedisDep, settings: SettingsDep
+) -> PredictResponse:
+    entry = registry.get(model_id)
+    sub = await read_submission(request, settings)
+    if sub.params:
+        raise BadParams("predict takes no params (use top_k)")
+    top_k = sub.top_k or 5
+    return await asyncio.to_thread(jobs.predict, conn, settings, entry, sub.images, top_k)

@@ -1,0 +1,121 @@
+"""Reading a submission (multipart or JSON) into validated images and fields.
+
+multipart/form-data: ``image`` (one or more files; ``images`` also accepted), ``model_id``,
+``params`` (JSON text), ``top_k``. application/json: ``schemas.jobs.Base64Images``.
+Limits come from settings: bytes per image, pixels per image, images per request; the whole
+body is capped before it is read (``Content-Length``) and while it is parsed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from schemas.errors import BadImage, BadParams, PayloadTooLarge, UnsupportedMedia
+from schemas.jobs import Base64Images
+from schemas.settings import Settings
+from service.images import DecodedImage, decode_image
+
+IMAGE_FIELDS = ("image", "images")
+
+
+@dataclass
+class Submission:
+    model_id: str | None
+    images: list[DecodedImage]
+    params: dict[str, Any] = field(default_factory=dict)
+    top_k: int | None = None
+
+
+def body_limit(settings: Settings) -> int:
+    """Largest request body accepted: every image at its limit plus room for the fields."""
+    return settings.max_upload_bytes * settings.max_images_per_request * 4 // 3 + 1024 * 1024
+
+
+def _decode_all(raw: list[bytes], settings: Settings) -> list[DecodedImage]:
+    if not raw:
+        raise BadImage("no image in the request (send an 'image' file or 'image_base64')")
+    if len(raw) > settings.max_images_per_request:
+        raise PayloadTooLarge(
+            f"{len(raw)} images; the limit is {settings.max_images_per_request} per request",
+            details={"limit": settings.max_images_per_request},
+        )
+    return [decode_image(b, settings.max_upload_bytes, settings.max_image_pixels) for b in raw]
+
+
+def _params(text: Any) -> dict[str, Any]:
+    if text in (None, ""):
+        return {}
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        raise BadParams("params must be a JSON object") from None
+    if not isinstance(value, dict):
+        raise BadParams("params must be a JSON object")
+    return value
+
+
+def _top_k(value: Any) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise BadParams("top_k must be an integer") from None
+    if not 1 <= k <= 1000:
+        raise BadParams("top_k must be between 1 and 1000")
+    return k
+
+
+async def read_submission(request: Request, settings: Settings) -> Submission:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > body_limit(settings):
+        raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {body_limit(settings)}")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(
+                max_files=settings.max_images_per_request + 1, max_part_size=settings.max_upload_bytes + 1
+            )
+        except Exception as e:  # starlette raises its own MultiPartException, HTTPException...
+            raise BadParams(f"cannot parse the multipart body: {getattr(e, 'detail', e)}") from None
+        raw: list[bytes] = []
+        for name in IMAGE_FIELDS:
+            for item in form.getlist(name):
+                if not isinstance(item, UploadFile):
+                    raise BadParams(f"'{name}' must be a file")
+                raw.append(await item.read(settings.max_upload_bytes + 1))
+        model_id = form.get("model_id")
+        return Submission(
+            model_id=model_id if isinstance(model_id, str) else None,
+            images=_decode_all(raw, settings),
+            params=_params(form.get("params")),
+            top_k=_top_k(form.get("top_k")),
+        )
+    if ctype == "application/json":
+        body = await request.body()
+        if len(body) > body_limit(settings):
+            raise PayloadTooLarge("request body is over the limit")
+        try:
+            data = Base64Images.model_validate_json(body)
+        except ValidationError as e:
+            raise BadParams("invalid JSON body", details=json.loads(e.json(include_url=False))) from None
+        encoded = ([data.image_base64] if data.image_base64 else []) + (data.images_base64 or [])
+        try:
+            raw = [base64.b64decode(s, validate=True) for s in encoded]
+        except (binascii.Error, ValueError):
+            raise BadImage("image_base64 is not valid base64") from None
+        return Submission(data.model_id, _decode_all(raw, settings), data.params, _top_k(data.top_k))
+    raise UnsupportedMedia(
+        f"content type {ctype or 'none'!r}; send multipart/form-data or application/json",
+        details={"supported": ["multipart/form-data", "application/json"]},
+    )

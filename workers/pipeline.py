@@ -1,0 +1,90 @@
+"""The generic job pipeline every kind shares: load inputs, pick targets, call the kind.
+
+Validate params -> load the model (cached) -> decode and preprocess the images -> one
+forward pass for probabilities -> resolve targets -> ``workers.explain.<kind>.run``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from pydantic import BaseModel
+
+from schemas.errors import BadParams
+from workers.explain.base import Inputs, KindResult, LoadedModel, ProgressFn
+from workers.registry import ModelCache, preprocess
+
+
+@dataclass
+class JobContext:
+    """What some kinds need beyond model, inputs and params (a kind's ``run`` asks for it by
+    declaring a ``context`` argument)."""
+
+    cache_dir: Path
+    models_dir: Path
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def forward_in_chunks(model: LoadedModel, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Logits ``(N, K)`` of ``x`` ``(N, C, H, W)`` through the fast engine, in chunks."""
+    chunk = batch_size or model.batch_size
+    return torch.cat([model.forward(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def resolve_targets(target: int | list[int] | None, probs: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` class indices: the predicted class when ``target`` is None, else the given
+    index (one for all images, or one per image), checked against the number of classes."""
+    n, k = probs.shape
+    if target is None:
+        return probs.argmax(1)
+    targets = [target] * n if isinstance(target, int) else list(target)
+    if len(targets) != n:
+        raise BadParams(f"target has {len(targets)} entries for {n} images")
+    bad = [t for t in targets if not 0 <= t < k]
+    if bad:
+        raise BadParams(f"target {bad[0]} is out of range: the model has {k} classes (0..{k - 1})")
+    return torch.tensor(targets, dtype=torch.long, device=probs.device)
+
+
+def decode(png: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(png))
+    img.load()
+    return img
+
+
+def load_inputs(model: LoadedModel, pngs: list[bytes], params: BaseModel) -> Inputs:
+    x, display = preprocess([decode(b) for b in pngs], model.manifest.preprocessing)
+    x = x.to(model.device)
+    probs = forward_in_chunks(model, x).softmax(1)
+    targets = resolve_targets(getattr(params, "target", None), probs)
+    return Inputs(images=x, display=display, targets=targets, probs=probs)
+
+
+def kind_runner(kind: str) -> Any:
+    return importlib.import_module(f"workers.explain.{kind}").run
+
+
+def execute(
+    models: ModelCache,
+    kind: str,
+    model_id: str,
+    model_version: str | None,
+    pngs: list[bytes],
+    params: BaseModel,
+    progress: ProgressFn,
+    context: JobContext,
+) -> KindResult:
+    model = models.get(model_id, model_version)
+    progress(0, 1, "preprocessing")
+    inputs = load_inputs(model, pngs, params)
+    run = kind_runner(kind)
+    if "context" in inspect.signature(run).parameters:
+        return run(model, inputs, params, progress, context=context)
+    return run(model, inputs, params, progress)

@@ -1,0 +1,167 @@
+"""RQ entry points: the thin layer between Redis jobs and the kind modules.
+
+``run_job`` (every explanation kind) and ``predict`` (synchronous, on the ``high`` queue)
+take JSON payloads (RQ's JSONSerializer; never pickles) and return JSON. Inputs and
+artifacts are read from and written to Redis (``schemas.keys``); progress and errors go to
+the job's meta.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from pydantic import ValidationError
+from redis import Redis
+from rq import get_current_job
+from rq.job import Job
+
+from schemas import keys
+from schemas.errors import BadParams, InspectorError, JobFailure
+from schemas.jobs import ClassScore, JobPayload, Prediction, PredictResponse
+from schemas.kinds import KINDS
+from schemas.manifests import get_entry
+from schemas.settings import get_settings
+from workers.explain.base import JobCanceled
+from workers.pipeline import JobContext, decode, execute, forward_in_chunks
+from workers.registry import ModelCache, preprocess
+
+log = logging.getLogger(__name__)
+_models: ModelCache | None = None
+
+
+def model_cache() -> ModelCache:
+    """The process-wide model cache (models stay loaded between jobs: workers do not fork)."""
+    global _models
+    if _models is None:
+        s = get_settings()
+        _models = ModelCache(s.models_dir, s.cache_dir, s.device, onnx=s.onnx_engine)
+    return _models
+
+
+class RedisProgress:
+    """Progress callback writing ``{done, total, stage}`` to the job's meta (at most every
+    ``interval`` seconds, always on a new stage) and raising ``JobCanceled`` on cancel."""
+
+    def __init__(self, job: Job, interval: float = 0.25) -> None:
+        self.job, self.interval = job, interval
+        self._last, self._stage = 0.0, ""
+
+    def __call__(self, done: int, total: int, stage: str) -> None:
+        now = time.monotonic()
+        if stage == self._stage and now - self._last < self.interval and done < total:
+            return
+        self._last, self._stage = now, stage
+        if self.job.connection.exists(keys.cancel_key(self.job.id)):
+            raise JobCanceled(self.job.id)
+        self.job.meta["progress"] = {"done": done, "total": total, "stage": stage}
+        self.job.save_meta()
+
+
+def _fail(job: Job, error: InspectorError | JobCanceled | Exception) -> None:
+    if isinstance(error, InspectorError):
+        body = {"type": error.type, "message": error.message, "details": error.details}
+    elif isinstance(error, JobCanceled):
+        body = {"type": "canceled", "message": "the job was canceled", "details": None}
+    else:
+        body = {"type": "internal", "message": f"{type(error).__name__}: {error}", "details": None}
+    job.meta["error"] = body
+    job.save_meta()
+
+
+def _count(conn: Redis, kind: str, status: str, seconds: float) -> None:
+    with conn.pipeline() as p:
+        p.hincrby(keys.STATS_KEY, f"jobs:{kind}:{status}", 1)
+        p.hincrbyfloat(keys.STATS_KEY, f"seconds:{kind}", seconds)
+        p.execute()
+
+
+def run_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one explanation job; returns ``{"summary": {...}, "artifacts": [{name, media_type, size}]}``."""
+    job = get_current_job()
+    assert job is not None, "run_job runs inside an RQ job"
+    conn: Redis = job.connection
+    settings = get_settings()
+    t0 = time.perf_counter()
+    p = JobPayload.model_validate(payload)
+    try:
+        spec = KINDS.get(p.kind)
+        if spec is None:
+            raise BadParams(f"unknown job kind {p.kind!r}")
+        try:
+            params = spec.params.model_validate(p.params)
+        except ValidationError as e:
+            raise BadParams("invalid params", details=json.loads(e.json(include_url=False))) from None
+        pngs = conn.mget([keys.input_key(k) for k in p.inputs])
+        if any(b is None for b in pngs):
+            raise JobFailure("the job's input images expired before it ran", type="input_expired")
+        context = JobContext(settings.cache_dir, settings.models_dir)
+        result = execute(model_cache(), p.kind, p.model_id, p.model_version, pngs, params, RedisProgress(job), context)
+        ttl = settings.result_ttl_s
+        with conn.pipeline() as pipe:
+            for a in result.artifacts:
+                pipe.set(keys.artifact_key(job.id, a.name), a.data, ex=ttl)
+            pipe.execute()
+        job.meta["progress"] = {"done": 1, "total": 1, "stage": "done"}
+        job.save_meta()
+    except Exception as e:
+        _fail(job, e)
+        _count(conn, p.kind, "canceled" if isinstance(e, JobCanceled) else "failed", time.perf_counter() - t0)
+        if not isinstance(e, InspectorError | JobCanceled):
+            log.exception("job %s (%s) failed", job.id, p.kind)
+        raise
+    _count(conn, p.kind, "finished", time.perf_counter() - t0)
+    return {
+        "summary": result.summary,
+        "artifacts": [{"name": a.name, "media_type": a.media_type, "size": len(a.data)} for a in result.artifacts],
+    }
+
+
+def predict_images(model_id: str, pngs: list[bytes], top_k: int) -> PredictResponse:
+    """Top-k classes of each image (PNG bytes), through the model's fast forward engine."""
+    t0 = time.perf_counter()
+    entry = get_entry(get_settings().models_dir, model_id)
+    model = model_cache().get(model_id, entry.version)
+    x, _ = preprocess([decode(b) for b in pngs], model.manifest.preprocessing)
+    probs = forward_in_chunks(model, x.to(model.device)).softmax(1)
+    k = min(top_k, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    predictions = [
+        Prediction(
+            top=[
+                ClassScore(index=int(i), label=model.manifest.labels[int(i)], probability=float(v))
+                for v, i in zip(vals, idxs, strict=True)
+            ]
+        )
+        for vals, idxs in zip(values.cpu(), indices.cpu(), strict=True)
+    ]
+    return PredictResponse(
+        model_id=model_id,
+        model_version=model.version,
+        predictions=predictions,
+        runtime_ms=(time.perf_counter() - t0) * 1000,
+    )
+
+
+def predict(payload: dict[str, Any]) -> dict[str, Any]:
+    """Synchronous predict: the reply (or error) is pushed onto ``reply_key`` for the waiting API."""
+    job = get_current_job()
+    assert job is not None
+    conn: Redis = job.connection
+    try:
+        pngs = conn.mget([keys.input_key(k) for k in payload["inputs"]])
+        if any(b is None for b in pngs):
+            raise JobFailure("the input images expired", type="input_expired")
+        reply: dict[str, Any] = predict_images(payload["model_id"], pngs, int(payload["top_k"])).model_dump()
+    except InspectorError as e:
+        reply = {"error": {"type": e.type, "message": e.message, "details": e.details, "status": e.status}}
+    except Exception as e:  # the waiting request must get an answer, not a timeout
+        log.exception("predict %s failed", job.id)
+        reply = {"error": {"type": "internal", "message": f"{type(e).__name__}: {e}", "status": 500}}
+    with conn.pipeline() as pipe:
+        pipe.rpush(keys.reply_key(job.id), json.dumps(reply))
+        pipe.expire(keys.reply_key(job.id), 60)
+        pipe.execute()
+    return {"ok": "error" not in reply}
