@@ -1,0 +1,68 @@
+"""Image decoding rules (service side, Pillow only)."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from schemas.errors import BadImage, PayloadTooLarge, UnsupportedMedia
+from service.images import decode_image
+from tests.helpers import png
+
+LIMITS = {"max_bytes": 10_000_000, "max_pixels": 10_000_000}
+
+
+def rgb_of(data: bytes) -> np.ndarray:
+    out = decode_image(data, **LIMITS)
+    img = Image.open(io.BytesIO(out.png))
+    assert img.mode == "RGB"
+    return np.asarray(img)
+
+
+def test_exif_orientation_is_applied():
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = 255  # left half white
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = rgb_of(png(img, "JPEG", exif=exif, quality=95))
+    assert out.shape == (40, 20, 3)
+    assert out[:20].mean() > 200 and out[20:].mean() < 50  # white half now on top
+
+
+def test_grey_palette_rgba_and_16bit_become_rgb():
+    grey = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (4, 1))
+    out = rgb_of(png(grey))
+    assert (out[..., 0] == grey).all() and (out[..., 1] == grey).all()
+
+    pal = Image.fromarray(np.full((4, 4, 3), (10, 200, 30), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
+    assert tuple(rgb_of(png(pal))[0, 0]) == (10, 200, 30)
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:2, :, 3] = 255  # top opaque red, bottom transparent -> white
+    out = rgb_of(png(rgba))
+    assert tuple(out[0, 0]) == (255, 0, 0) and tuple(out[3, 3]) == (255, 255, 255)
+
+    deep = Image.fromarray(np.full((4, 4), 65535 // 2, np.uint16))
+    assert deep.mode.startswith("I;16")
+    out = rgb_of(png(deep))
+    assert abs(int(out[0, 0, 0]) - 127) <= 1
+
+
+def test_limits_and_bad_bytes():
+    with pytest.raises(PayloadTooLarge):
+        decode_image(png(np.zeros((10, 10), np.uint8)), max_bytes=10, max_pixels=1000)
+    with pytest.raises(PayloadTooLarge):
+        decode_image(png(np.zeros((40, 40), np.uint8)), max_bytes=10_000, max_pixels=1000)
+    with pytest.raises(UnsupportedMedia):
+        decode_image(b"GIF89a-not-really" + b"\x00" * 10, **LIMITS)
+    with pytest.raises(BadImage):
+        decode_image(png(np.zeros((64, 64, 3), np.uint8))[:60], **LIMITS)
+
+
+def test_same_bytes_same_hash_and_png():
+    data = png(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+    a, b = decode_image(data, **LIMITS), decode_image(data, **LIMITS)
+    assert a.sha256 == b.sha256 and a.png == b.png and (a.width, a.height) == (4, 4)
