@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +88,27 @@ def scan(models_dir: Path) -> tuple[dict[str, ModelEntry], dict[str, str]]:
     return entries, problems
 
 
-def get_entry(models_dir: Path, model_id: str) -> ModelEntry:
-    entries, _ = scan(models_dir)
-    if model_id not in entries:
-        raise UnknownModel(f"unknown model {model_id!r}", details={"known": sorted(entries)})
-    return entries[model_id]
+class ModelRegistry:
+    """The models directory, re-scanned at most every ``max_age_s`` seconds, so a model
+    dropped into it appears without a restart and hot paths do not re-read manifests."""
+
+    def __init__(self, models_dir: Path, max_age_s: float = 3.0) -> None:
+        self.models_dir = models_dir
+        self.max_age_s = max_age_s
+        self._entries: dict[str, ModelEntry] = {}
+        self.problems: dict[str, str] = {}
+        self._at = -1e9
+        self._lock = threading.Lock()
+
+    def entries(self) -> dict[str, ModelEntry]:
+        with self._lock:
+            if time.monotonic() - self._at > self.max_age_s:
+                self._entries, self.problems = scan(self.models_dir)
+                self._at = time.monotonic()
+            return self._entries
+
+    def get(self, model_id: str) -> ModelEntry:
+        entries = self.entries()
+        if model_id not in entries:
+            raise UnknownModel(f"unknown model {model_id!r}", details={"known": sorted(entries)})
+        return entries[model_id]

@@ -11,7 +11,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from schemas.settings import Settings, get_settings
-from service.registry import ModelRegistry
+from schemas.manifests import ModelRegistry
 
 if TYPE_CHECKING:
     from service.metrics import Metrics

@@ -8,7 +8,7 @@ from schemas.settings import Settings, get_settings
 from service.deps import redis_for
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.registry import ModelRegistry
+from schemas.manifests import ModelRegistry
 from service.routes import health, jobs, methods, models
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from schemas.errors import BadParams, JobFailure
-from schemas.manifests import MANIFEST, ModelEntry, file_sha256, get_entry
+from schemas.manifests import MANIFEST, ModelEntry, ModelRegistry, file_sha256
 from schemas.models import ModelManifest, Preprocessing, TrainingSet
 from workers.explain.base import LoadedModel
 
@@ -196,6 +196,7 @@ class ModelCache:
 
     def __init__(self, models_dir: Path, cache_dir: Path, device: str = "auto", onnx: bool = True) -> None:
         self.models_dir = models_dir
+        self.registry = ModelRegistry(models_dir)
         self.cache_dir = cache_dir
         self.device = resolve_device(device)
         self.onnx = onnx
@@ -203,7 +204,7 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, model_id: str, version: str | None = None) -> LoadedModel:
-        entry = get_entry(self.models_dir, model_id)
+        entry = self.registry.get(model_id)
         if version is not None and entry.version != version:
             raise BadParams(
                 f"model {model_id!r} changed since the job was submitted",

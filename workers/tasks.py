@@ -22,7 +22,6 @@ from schemas import keys
 from schemas.errors import BadParams, InspectorError, JobFailure
 from schemas.jobs import ClassScore, JobPayload, Prediction, PredictResponse
 from schemas.kinds import KINDS
-from schemas.manifests import get_entry
 from schemas.settings import get_settings
 from workers.explain.base import JobCanceled
 from workers.pipeline import JobContext, decode, execute, forward_in_chunks
@@ -122,8 +121,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
 def predict_images(model_id: str, pngs: list[bytes], top_k: int) -> PredictResponse:
     """Top-k classes of each image (PNG bytes), through the model's fast forward engine."""
     t0 = time.perf_counter()
-    entry = get_entry(get_settings().models_dir, model_id)
-    model = model_cache().get(model_id, entry.version)
+    model = model_cache().get(model_id)
     x, _ = preprocess([decode(b) for b in pngs], model.manifest.preprocessing)
     probs = forward_in_chunks(model, x.to(model.device)).softmax(1)
     k = min(top_k, probs.shape[1])

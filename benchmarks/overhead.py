@@ -1,0 +1,103 @@
+"""What HTTP + Redis + RQ add to a predict, over calling the model in the worker process.
+
+Starts its own redis-server (free port), one worker and the API (uvicorn), then times
+N sequential predicts of one digits-cnn image (a) through HTTP and (b) by calling the
+worker's predict function directly in this process (same decode, preprocess, forward).
+Prints p50/p95 of both and of the difference (the service's overhead).
+
+    python benchmarks/overhead.py [-n 200] [--model digits-cnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not ready")
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.array(xs), q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=200)
+    ap.add_argument("--model", default="digits-cnn")
+    args = ap.parse_args()
+
+    from tests.helpers import digit_png
+
+    image, _ = digit_png(0)
+    redis_port, api_port = free_port(), free_port()
+    env = dict(os.environ, INSPECTOR_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", INSPECTOR_DEVICE="cpu")
+    procs = [
+        subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+                         stdout=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "workers", "worker", "--preload", args.model], env=env, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "uvicorn", "service.main:app", "--port", str(api_port),
+                          "--log-level", "warning"], env=env, cwd=ROOT),
+    ]  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{api_port}"
+        wait_http(f"{base}/readyz")
+        from workers.tasks import predict_images
+
+        with httpx.Client(base_url=base, timeout=30) as http:
+            url = f"/v1/models/{args.model}/predict"
+            for _ in range(10):  # warm-up: connections, model load, code paths
+                http.post(url, files={"image": ("x.png", image, "image/png")}).raise_for_status()
+                predict_images(args.model, [image], 5)
+            api_ms, direct_ms = [], []
+            for _ in range(args.n):
+                t0 = time.perf_counter()
+                http.post(url, files={"image": ("x.png", image, "image/png")}).raise_for_status()
+                api_ms.append((time.perf_counter() - t0) * 1000)
+                t0 = time.perf_counter()
+                predict_images(args.model, [image], 5)
+                direct_ms.append((time.perf_counter() - t0) * 1000)
+        over = [a - d for a, d in zip(api_ms, direct_ms, strict=True)]
+        print(f"predict on {args.model}, {args.n} sequential requests, one worker, CPU")
+        print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}")
+        for name, xs in (("through HTTP+Redis+RQ", api_ms), ("direct in worker code", direct_ms),
+                         ("overhead (difference)", over)):  # fmt: skip
+            print(f"{name:24}{pct(xs, 50):10.2f}{pct(xs, 95):10.2f}")
+        print(f"overhead p50 {statistics.median(over):.2f} ms (target < 10 ms)")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+
+
+if __name__ == "__main__":
+    main()
