@@ -58,7 +58,8 @@ class JobPayload(BaseModel):
     kind: str
     model_id: str
     model_version: str
-    inputs: list[str] = Field(description="Redis keys of the normalised input PNGs")
+    inputs: list[str] = Field(description="sha256 ids of the normalised input PNGs (schemas.keys.input_key)")
+    files: dict[str, str] = Field(default_factory=dict, description="extra upload name -> sha256 id")
     params: dict[str, Any]
 
 
@@ -87,3 +88,4 @@ class Base64Images(BaseModel):
     images_base64: list[str] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     top_k: int | None = None
+    files_base64: dict[str, str] = Field(default_factory=dict, description="extra uploads by name (see the kind)")

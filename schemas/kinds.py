@@ -24,6 +24,7 @@ class KindSpec:
     description: str
     min_images: int = 1
     max_images: int | None = None  # None = the server's per-request limit
+    files: tuple[str, ...] = ()  # extra uploads the kind accepts (e.g. "attribution" .npy)
 
 
 KINDS: dict[str, KindSpec] = {

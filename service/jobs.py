@@ -50,7 +50,7 @@ def validate_params(spec: KindSpec, params: dict[str, Any]) -> BaseModel:
 
 def check_request(spec: KindSpec, entry: ModelEntry, params: BaseModel, n_images: int, settings: Settings) -> None:
     """Checks that need the model's manifest but no torch (before anything is queued)."""
-    limit = spec.max_images or settings.max_images_per_request
+    limit = settings.max_images_per_request if spec.max_images is None else spec.max_images
     if not spec.min_images <= n_images <= limit:
         raise BadParams(f"{spec.name!r} takes {spec.min_images} to {limit} images; got {n_images}")
     n_classes = len(entry.manifest.labels)
@@ -66,13 +66,20 @@ def check_request(spec: KindSpec, entry: ModelEntry, params: BaseModel, n_images
         check(params, entry.manifest)
 
 
-def job_id_for(kind: str, entry: ModelEntry, images: list[DecodedImage], params: BaseModel) -> str:
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def job_id_for(
+    kind: str, entry: ModelEntry, images: list[DecodedImage], params: BaseModel, files: dict[str, bytes]
+) -> str:
     canonical = json.dumps(
         {
             "kind": kind,
             "model": entry.manifest.id,
             "version": entry.version,
             "inputs": [i.sha256 for i in images],
+            "files": {name: _sha(data) for name, data in files.items()},
             "params": params.model_dump(mode="json"),
         },
         sort_keys=True,
@@ -81,12 +88,18 @@ def job_id_for(kind: str, entry: ModelEntry, images: list[DecodedImage], params:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def store_inputs(conn: Redis, images: list[DecodedImage], ttl: int) -> list[str]:
+def store_inputs(
+    conn: Redis, images: list[DecodedImage], ttl: int, files: dict[str, bytes] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """Store normalised images and extra uploads under their sha256; returns their ids."""
+    file_ids = {name: _sha(data) for name, data in (files or {}).items()}
     with conn.pipeline() as pipe:
         for img in images:
             pipe.set(keys.input_key(img.sha256), img.png, ex=ttl)
+        for name, data in (files or {}).items():
+            pipe.set(keys.input_key(file_ids[name]), data, ex=ttl)
         pipe.execute()
-    return [img.sha256 for img in images]
+    return [img.sha256 for img in images], file_ids
 
 
 def fetch(conn: Redis, job_id: str) -> Job:
@@ -97,11 +110,18 @@ def fetch(conn: Redis, job_id: str) -> Job:
 
 
 def submit(
-    conn: Redis, settings: Settings, kind: str, entry: ModelEntry, images: list[DecodedImage], params: BaseModel
+    conn: Redis,
+    settings: Settings,
+    kind: str,
+    entry: ModelEntry,
+    images: list[DecodedImage],
+    params: BaseModel,
+    files: dict[str, bytes] | None = None,
 ) -> tuple[Job, bool]:
     """Enqueue (or find) the job; returns it and whether an earlier identical job was reused."""
     spec = KINDS[kind]
-    job_id = job_id_for(kind, entry, images, params)
+    files = files or {}
+    job_id = job_id_for(kind, entry, images, params, files)
     # One submitter at a time per id, so two identical requests cannot both enqueue.
     with conn.lock(keys.submit_lock_key(job_id), timeout=10, blocking_timeout=5):
         try:
@@ -112,11 +132,13 @@ def submit(
         except NoSuchJobError:
             pass
         conn.delete(keys.cancel_key(job_id))
+        inputs, file_ids = store_inputs(conn, images, settings.result_ttl_s + settings.job_timeout_s, files)
         payload = JobPayload(
             kind=kind,
             model_id=entry.manifest.id,
             model_version=entry.version,
-            inputs=store_inputs(conn, images, settings.result_ttl_s + settings.job_timeout_s),
+            inputs=inputs,
+            files=file_ids,
             params=params.model_dump(mode="json"),
         )
         job = queue(spec.queue, conn).enqueue(
@@ -220,7 +242,7 @@ def predict(
 ) -> PredictResponse:
     """Run a predict on the ``high`` queue and wait (bounded) for the worker's reply."""
     job_id = uuid.uuid4().hex
-    inputs = store_inputs(conn, images, int(settings.predict_timeout_s) + 60)
+    inputs, _ = store_inputs(conn, images, int(settings.predict_timeout_s) + 60)
     queue("high", conn).enqueue(
         keys.PREDICT_FUNC,
         {"model_id": entry.manifest.id, "inputs": inputs, "top_k": top_k},

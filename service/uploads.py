@@ -32,6 +32,7 @@ class Submission:
     images: list[DecodedImage]
     params: dict[str, Any] = field(default_factory=dict)
     top_k: int | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 def body_limit(settings: Settings) -> int:
@@ -39,8 +40,8 @@ def body_limit(settings: Settings) -> int:
     return settings.max_upload_bytes * settings.max_images_per_request * 4 // 3 + 1024 * 1024
 
 
-def _decode_all(raw: list[bytes], settings: Settings) -> list[DecodedImage]:
-    if not raw:
+def _decode_all(raw: list[bytes], settings: Settings, allow_none: bool) -> list[DecodedImage]:
+    if not raw and not allow_none:
         raise BadImage("no image in the request (send an 'image' file or 'image_base64')")
     if len(raw) > settings.max_images_per_request:
         raise PayloadTooLarge(
@@ -76,7 +77,19 @@ def _top_k(value: Any) -> int | None:
     return k
 
 
-async def read_submission(request: Request, settings: Settings) -> Submission:
+def _check_files(files: dict[str, bytes], allowed: tuple[str, ...], settings: Settings) -> dict[str, bytes]:
+    for name, data in files.items():
+        if name not in allowed:
+            raise BadParams(f"unexpected upload {name!r}", details={"accepted": list(allowed)})
+        if len(data) > settings.max_upload_bytes:
+            raise PayloadTooLarge(f"upload {name!r} is over the limit of {settings.max_upload_bytes} bytes")
+    return files
+
+
+async def read_submission(
+    request: Request, settings: Settings, files: tuple[str, ...] = (), allow_no_image: bool = False
+) -> Submission:
+    """Parse the body; ``files`` names the extra uploads accepted besides images."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > body_limit(settings):
         raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {body_limit(settings)}")
@@ -89,17 +102,21 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
         except Exception as e:  # starlette raises its own MultiPartException, HTTPException...
             raise BadParams(f"cannot parse the multipart body: {getattr(e, 'detail', e)}") from None
         raw: list[bytes] = []
-        for name in IMAGE_FIELDS:
-            for item in form.getlist(name):
+        extra: dict[str, bytes] = {}
+        for name, item in form.multi_items():
+            if name in IMAGE_FIELDS:
                 if not isinstance(item, UploadFile):
                     raise BadParams(f"'{name}' must be a file")
                 raw.append(await item.read(settings.max_upload_bytes + 1))
+            elif isinstance(item, UploadFile):
+                extra[name] = await item.read(settings.max_upload_bytes + 1)
         model_id = form.get("model_id")
         return Submission(
             model_id=model_id if isinstance(model_id, str) else None,
-            images=_decode_all(raw, settings),
+            images=_decode_all(raw, settings, allow_no_image),
             params=_params(form.get("params")),
             top_k=_top_k(form.get("top_k")),
+            files=_check_files(extra, files, settings),
         )
     if ctype == "application/json":
         body = await request.body()
@@ -112,9 +129,16 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
         encoded = ([data.image_base64] if data.image_base64 else []) + (data.images_base64 or [])
         try:
             raw = [base64.b64decode(s, validate=True) for s in encoded]
+            extra = {k: base64.b64decode(v, validate=True) for k, v in data.files_base64.items()}
         except (binascii.Error, ValueError):
-            raise BadImage("image_base64 is not valid base64") from None
-        return Submission(data.model_id, _decode_all(raw, settings), data.params, _top_k(data.top_k))
+            raise BadImage("image_base64 / files_base64 is not valid base64") from None
+        return Submission(
+            data.model_id,
+            _decode_all(raw, settings, allow_no_image),
+            data.params,
+            _top_k(data.top_k),
+            _check_files(extra, files, settings),
+        )
     raise UnsupportedMedia(
         f"content type {ctype or 'none'!r}; send multipart/form-data or application/json",
         details={"supported": ["multipart/form-data", "application/json"]},

@@ -29,7 +29,8 @@ class JobContext:
 
     cache_dir: Path
     models_dir: Path
-    files: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # extra uploads by name (KindSpec.files)
+    job_id: str = ""
 
 
 def forward_in_chunks(model: LoadedModel, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
@@ -60,6 +61,12 @@ def decode(png: bytes) -> Image.Image:
 
 
 def load_inputs(model: LoadedModel, pngs: list[bytes], params: BaseModel) -> Inputs:
+    if not pngs:  # dataset-level kinds (e.g. u_sweep on a registered split) take no images
+        h, w = model.manifest.preprocessing.size
+        c = 1 if model.manifest.preprocessing.mode == "L" else 3
+        empty = torch.zeros(0, c, h, w, device=model.device)
+        probs = torch.zeros(0, model.num_classes, device=model.device)
+        return Inputs(empty, [], torch.zeros(0, dtype=torch.long, device=model.device), probs)
     x, display = preprocess([decode(b) for b in pngs], model.manifest.preprocessing)
     x = x.to(model.device)
     probs = forward_in_chunks(model, x).softmax(1)

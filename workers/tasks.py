@@ -59,6 +59,16 @@ class RedisProgress:
         self.job.save_meta()
 
 
+def fetch_inputs(conn: Redis, ids: list[str]) -> list[bytes]:
+    """The stored uploads with these sha256 ids (``schemas.keys.input_key``), in order."""
+    if not ids:
+        return []
+    data = conn.mget([keys.input_key(i) for i in ids])
+    if any(d is None for d in data):
+        raise JobFailure("the job's uploads expired before it ran", type="input_expired")
+    return data
+
+
 def _fail(job: Job, error: InspectorError | JobCanceled | Exception) -> None:
     if isinstance(error, InspectorError):
         body = {"type": error.type, "message": error.message, "details": error.details}
@@ -93,10 +103,9 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             params = spec.params.model_validate(p.params)
         except ValidationError as e:
             raise BadParams("invalid params", details=json.loads(e.json(include_url=False))) from None
-        pngs = conn.mget([keys.input_key(k) for k in p.inputs])
-        if any(b is None for b in pngs):
-            raise JobFailure("the job's input images expired before it ran", type="input_expired")
-        context = JobContext(settings.cache_dir, settings.models_dir)
+        pngs = fetch_inputs(conn, p.inputs)
+        files = dict(zip(p.files, fetch_inputs(conn, list(p.files.values())), strict=True))
+        context = JobContext(settings.cache_dir, settings.models_dir, files, job_id=job.id)
         result = execute(model_cache(), p.kind, p.model_id, p.model_version, pngs, params, RedisProgress(job), context)
         ttl = settings.result_ttl_s
         with conn.pipeline() as pipe:
@@ -149,9 +158,7 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
     assert job is not None
     conn: Redis = job.connection
     try:
-        pngs = conn.mget([keys.input_key(k) for k in payload["inputs"]])
-        if any(b is None for b in pngs):
-            raise JobFailure("the input images expired", type="input_expired")
+        pngs = fetch_inputs(conn, payload["inputs"])
         reply: dict[str, Any] = predict_images(payload["model_id"], pngs, int(payload["top_k"])).model_dump()
     except InspectorError as e:
         reply = {"error": {"type": e.type, "message": e.message, "details": e.details, "status": e.status}}

@@ -45,13 +45,13 @@ async def submit(
     spec = KINDS.get(kind)
     if spec is None:
         raise NotFound(f"unknown job kind {kind!r}", details={"known": sorted(KINDS)})
-    sub = await read_submission(request, settings)
+    sub = await read_submission(request, settings, spec.files, allow_no_image=spec.min_images == 0)
     if not sub.model_id:
         raise BadParams("model_id is required")
     entry = registry.get(sub.model_id)
     params = jobs.validate_params(spec, sub.params)
     jobs.check_request(spec, entry, params, len(sub.images), settings)
-    job, reused = await asyncio.to_thread(jobs.submit, conn, settings, kind, entry, sub.images, params)
+    job, reused = await asyncio.to_thread(jobs.submit, conn, settings, kind, entry, sub.images, params, sub.files)
     metrics.submitted.labels(kind, str(reused).lower()).inc()
     view = await _view(conn, job.id, settings.public_url, reused)
     deadline = asyncio.get_running_loop().time() + wait
