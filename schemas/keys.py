@@ -13,6 +13,7 @@ PREFIX = "inspector"
 QUEUES = ("high", "default", "low")
 PREDICT_FUNC = "workers.tasks.predict"
 RUN_JOB_FUNC = "workers.tasks.run_job"
+HELP_JOB_FUNC = "workers.tasks.help_job"
 
 
 def input_key(sha256: str) -> str:

@@ -74,8 +74,8 @@ def load_inputs(model: LoadedModel, pngs: list[bytes], params: BaseModel) -> Inp
     return Inputs(images=x, display=display, targets=targets, probs=probs)
 
 
-def kind_runner(kind: str) -> Any:
-    return importlib.import_module(f"workers.explain.{kind}").run
+def kind_module(kind: str) -> Any:
+    return importlib.import_module(f"workers.explain.{kind}")
 
 
 def execute(
@@ -91,7 +91,7 @@ def execute(
     model = models.get(model_id, model_version)
     progress(0, 1, "preprocessing")
     inputs = load_inputs(model, pngs, params)
-    run = kind_runner(kind)
+    run = kind_module(kind).run
     if "context" in inspect.signature(run).parameters:
         return run(model, inputs, params, progress, context=context)
     return run(model, inputs, params, progress)

@@ -11,23 +11,27 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from redis import Redis
-from rq import get_current_job
+from rq import Queue, get_current_job
 from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from schemas import keys
 from schemas.errors import BadParams, InspectorError, JobFailure
 from schemas.jobs import ClassScore, JobPayload, Prediction, PredictResponse
 from schemas.kinds import KINDS
 from schemas.settings import get_settings
-from workers.explain.base import JobCanceled
-from workers.pipeline import JobContext, decode, execute, forward_in_chunks
+from workers.explain.base import Inputs, JobCanceled, KindResult, LoadedModel
+from workers.fanout import ChunkBoard, work_through
+from workers.pipeline import JobContext, decode, execute, forward_in_chunks, kind_module, load_inputs
 from workers.registry import ModelCache, preprocess
 
 log = logging.getLogger(__name__)
+MAX_HELPERS = 16  # helper jobs a chunked job enqueues; each exits at once when nothing is left
 _models: ModelCache | None = None
 
 
@@ -87,6 +91,93 @@ def _count(conn: Redis, kind: str, status: str, seconds: float) -> None:
         p.execute()
 
 
+def _prepare(conn: Redis, p: JobPayload, job_id: str) -> tuple[BaseModel, list[bytes], JobContext]:
+    """Validated params, input images and context of a job payload."""
+    settings = get_settings()
+    spec = KINDS.get(p.kind)
+    if spec is None:
+        raise BadParams(f"unknown job kind {p.kind!r}")
+    try:
+        params = spec.params.model_validate(p.params)
+    except ValidationError as e:
+        raise BadParams("invalid params", details=json.loads(e.json(include_url=False))) from None
+    pngs = fetch_inputs(conn, p.inputs)
+    files = dict(zip(p.files, fetch_inputs(conn, list(p.files.values())), strict=True))
+    return params, pngs, JobContext(settings.cache_dir, settings.models_dir, files, job_id=job_id)
+
+
+def _board(conn: Redis, job_id: str, n_chunks: int) -> ChunkBoard:
+    s = get_settings()
+    return ChunkBoard(conn, job_id, n_chunks, lease_s=2 * s.worker_lost_after_s, ttl_s=s.result_ttl_s)
+
+
+def _chunk_runner(
+    module: Any, model: LoadedModel, inputs: Inputs, params: BaseModel, chunks: list[dict[str, Any]],
+    context: JobContext, check: Callable[[], None],
+) -> Callable[[int, Callable[[], None]], dict[str, Any]]:
+    def compute(i: int, renew: Callable[[], None]) -> dict[str, Any]:
+        def progress(done: int, total: int, stage: str) -> None:
+            renew()
+            check()
+
+        return module.run_chunk(model, inputs, params, chunks[i], progress, context)
+
+    return compute
+
+
+def _run_chunked(
+    job: Job, p: JobPayload, params: BaseModel, pngs: list[bytes], context: JobContext, progress: RedisProgress
+) -> KindResult:
+    """A kind with ``plan``/``run_chunk``/``aggregate``: share its chunks with idle workers
+    (``workers.fanout``) and aggregate their results."""
+    module = kind_module(p.kind)
+    model = model_cache().get(p.model_id, p.model_version)
+    inputs = load_inputs(model, pngs, params)
+    chunks = module.plan(model, inputs, params, context)
+    board = _board(job.connection, job.id, len(chunks))
+    todo = board.start(json.dumps(chunks, sort_keys=True))
+    q = Queue(job.origin, connection=job.connection, serializer=JSONSerializer)
+    for _ in range(min(todo - 1, MAX_HELPERS)):
+        q.enqueue(keys.HELP_JOB_FUNC, {"parent": job.id, **p.model_dump()}, job_timeout=job.timeout,
+                  result_ttl=60, failure_ttl=get_settings().result_ttl_s)  # fmt: skip
+
+    def report() -> None:
+        progress(board.n_done(), len(chunks), "chunks")
+
+    report()
+    work_through(board, _chunk_runner(module, model, inputs, params, chunks, context, report), report)
+    progress(len(chunks), len(chunks), "aggregating")
+    return module.aggregate(model, inputs, params, board.results(), context)
+
+
+def help_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """Take chunks of a parent job (``payload["parent"]``) until none is left."""
+    job = get_current_job()
+    assert job is not None
+    conn: Redis = job.connection
+    parent = payload.pop("parent")
+    p = JobPayload.model_validate(payload)
+    params, pngs, context = _prepare(conn, p, parent)
+    module = kind_module(p.kind)
+    model = model_cache().get(p.model_id, p.model_version)
+    inputs = load_inputs(model, pngs, params)
+    chunks = module.plan(model, inputs, params, context)
+    board = _board(conn, parent, len(chunks))
+    n = 0
+
+    def check() -> None:
+        if conn.exists(keys.cancel_key(parent)):
+            raise JobCanceled(parent)
+
+    def counted() -> None:
+        nonlocal n
+        n += 1
+
+    work_through(board, _chunk_runner(module, model, inputs, params, chunks, context, check), counted,
+                 wait_for_others=False)  # fmt: skip
+    return {"parent": parent, "chunks_done": n}
+
+
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     """Run one explanation job; returns ``{"summary": {...}, "artifacts": [{name, media_type, size}]}``."""
     job = get_current_job()
@@ -96,17 +187,12 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     p = JobPayload.model_validate(payload)
     try:
-        spec = KINDS.get(p.kind)
-        if spec is None:
-            raise BadParams(f"unknown job kind {p.kind!r}")
-        try:
-            params = spec.params.model_validate(p.params)
-        except ValidationError as e:
-            raise BadParams("invalid params", details=json.loads(e.json(include_url=False))) from None
-        pngs = fetch_inputs(conn, p.inputs)
-        files = dict(zip(p.files, fetch_inputs(conn, list(p.files.values())), strict=True))
-        context = JobContext(settings.cache_dir, settings.models_dir, files, job_id=job.id)
-        result = execute(model_cache(), p.kind, p.model_id, p.model_version, pngs, params, RedisProgress(job), context)
+        params, pngs, context = _prepare(conn, p, job.id)
+        progress = RedisProgress(job)
+        if hasattr(kind_module(p.kind), "run_chunk"):
+            result = _run_chunked(job, p, params, pngs, context, progress)
+        else:
+            result = execute(model_cache(), p.kind, p.model_id, p.model_version, pngs, params, progress, context)
         ttl = settings.result_ttl_s
         with conn.pipeline() as pipe:
             for a in result.artifacts:
