@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from schemas.attribution import AttributionParams, CompareParams, OcclusionMapParams
 from schemas.params import SaliencyParams
 
 Queue = Literal["high", "default", "low"]
@@ -36,5 +37,8 @@ KINDS: dict[str, KindSpec] = {
             "high",
             "Input-gradient saliency map of the target class (Simonyan et al. 2014).",
         ),
+        KindSpec("attribution", AttributionParams, "default", "Attribution map by any Captum method."),
+        KindSpec("occlusion_map", OcclusionMapParams, "default", "Probability under a sliding occluder."),
+        KindSpec("compare", CompareParams, "default", "Several attribution methods: table and grid."),
     ]
 }

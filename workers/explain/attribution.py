@@ -1,0 +1,628 @@
+"""Kind ``attribution``: one Captum attribution method on a batch of images, batched so that it
+costs about what its model evaluations cost.
+
+``attribute(model, images (N, C, H, W), targets (N,), params) -> (N, C, H, W)`` runs the
+method named by ``params.method`` with Captum's own classes (Kokhlikyan et al. 2020, the
+library the Captum comparison paper uses) and returns the raw attributions, on the input's
+shape. What this module adds is how the work is cut:
+
+- gradient methods evaluate ``model.module`` in chunks of ``model.grad_batch_size`` (or the
+  job's ``batch_size``) inputs: Captum's ``internal_batch_size`` for Integrated Gradients
+  and the noise tunnel, image chunks for single-pass methods, sample chunks for
+  GradientSHAP (whose Captum class has no batching of its own);
+- forward-only methods (occlusion, feature ablation, Shapley value sampling, KernelSHAP,
+  LIME) evaluate through ``model.forward`` (the fast engine) with ``perturbations_per_eval``
+  set to ``model.batch_size``;
+- rule-based methods (DeepLift, DeepLiftShap, guided backprop, deconvolution, guided
+  Grad-CAM, LRP) run on the copy prepared by :mod:`workers.explain.rules`, so their rules
+  apply to every nonlinearity, and never leave hooks on the cached model;
+- every random draw (noise, baselines, samples, metric perturbations) happens under
+  ``params.seed`` without touching the process's global RNG state.
+
+``run`` adds, per image, the 2-D map, heatmap and overlay PNGs, statistics, the top
+regions and the optional quality scores (Captum's ``sensitivity_max`` and ``infidelity``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from captum import attr as ca
+from captum import metrics as cm
+
+from schemas.attribution import (
+    FORWARD_METHODS,
+    AttributionParams,
+    Baseline,
+    DeconvolutionMethod,
+    DeepLiftMethod,
+    DeepLiftShapMethod,
+    FeatureAblationMethod,
+    GradCamMethod,
+    GradientShapMethod,
+    GuidedBackpropMethod,
+    GuidedGradCamMethod,
+    InputXGradientMethod,
+    IntegratedGradientsMethod,
+    KernelShapMethod,
+    LimeMethod,
+    LRPMethod,
+    NoiseTunnelMethod,
+    OcclusionMethod,
+    SaliencyMethod,
+    ShapleyValueSamplingMethod,
+    check_supported,
+    gradcam_layer,
+)
+from schemas.attribution import _Method as MethodParams
+from schemas.attribution import _WithSuperpixels as SuperpixelParams
+from schemas.errors import BadParams
+from schemas.models import ModelManifest
+from workers import render
+from workers.explain import rules
+from workers.explain.base import Artifact, Inputs, KindResult, LoadedModel, ProgressFn, no_progress
+
+__all__ = ["attribute", "run", "quality_scores", "image_summary", "image_artifacts", "seeded"]
+
+
+# --- helpers shared by the methods ---------------------------------------------------------
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's and numpy's global generators (Captum draws from both) for the block,
+    and restore their previous state afterwards."""
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+
+
+def input_bounds(manifest: ModelManifest, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(lo, hi)`` ``(C, 1, 1)`` of the normalised input: pixel values 0 and 255."""
+    pre = manifest.preprocessing
+    c = 1 if pre.mode == "L" else 3
+    mean = torch.tensor(pre.mean[:c], dtype=torch.float32)[:, None, None]
+    std = torch.tensor(pre.std[:c], dtype=torch.float32)[:, None, None]
+    lo, hi = (0.0 - mean) / std, (255.0 * pre.scale - mean) / std
+    return torch.minimum(lo, hi).to(device), torch.maximum(lo, hi).to(device)
+
+
+def input_range(manifest: ModelManifest) -> float:
+    """The widest per-channel range of the normalised input (SmoothGrad's noise unit)."""
+    lo, hi = input_bounds(manifest, torch.device("cpu"))
+    return float((hi - lo).max())
+
+
+def make_baseline(
+    kind: Baseline, x: torch.Tensor, manifest: ModelManifest, blur_sigma: float, seed: int, draw: int = 0
+) -> torch.Tensor:
+    """A baseline of shape ``x`` ``(N, C, H, W)``; ``draw`` numbers independent noise draws."""
+    if kind == "zero":
+        return torch.zeros_like(x)
+    if kind == "black":
+        lo, hi = input_bounds(manifest, x.device)
+        pre = manifest.preprocessing
+        black = lo if pre.std[0] > 0 else hi  # pixel 0 maps to lo unless std is negative
+        return black.expand_as(x).clone()
+    if kind == "mean":
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
+    if kind == "blur":
+        from scipy.ndimage import gaussian_filter
+
+        s = blur_sigma * max(x.shape[2:])
+        a = gaussian_filter(x.detach().cpu().numpy(), sigma=(0, 0, s, s), mode="reflect")
+        return torch.from_numpy(a).to(x.device, x.dtype)
+    lo, hi = input_bounds(manifest, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed * 7919 + draw)
+    u = torch.rand(x.shape, generator=gen)
+    return (lo + u * (hi - lo)).to(x.device, x.dtype)
+
+
+class CountedForward:
+    """A forward function for Captum that reports progress (model evaluations done of
+    ``total``) after every call, so long Captum loops can be canceled between chunks."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], progress: ProgressFn, total: int, stage: str):
+        self.fn, self.progress, self.total, self.stage = fn, progress, max(1, total), stage
+        self.done = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fn(x)
+        self.done += int(x.shape[0])
+        self.progress(min(self.done, self.total), self.total, self.stage)
+        return out
+
+
+def engine_forward(model: LoadedModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model.forward`` (the fast engine) as an ordinary tensor function for Captum: the
+    engine may return inference-mode tensors, which Captum cannot update in place."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model.forward(x.detach()).clone()
+
+    return forward
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, max(1, size)):
+        yield slice(start, min(n, start + max(1, size)))
+
+
+def superpixel_mask(x: torch.Tensor, params: SuperpixelParams) -> torch.Tensor:
+    """Feature ids ``(1, 1, H, W)`` (long, 0..F-1) for one image ``x`` ``(1, C, H, W)``: a
+    regular grid, or SLIC superpixels (Achanta et al. 2012, scikit-image) of the image
+    rescaled to [0, 1]."""
+    h, w = x.shape[2:]
+    if params.superpixels == "grid":
+        k = max(1, round(math.sqrt(params.n_segments)))
+        rows = torch.arange(h, device=x.device) * k // h
+        cols = torch.arange(w, device=x.device) * k // w
+        return (rows[:, None] * k + cols[None, :])[None, None].long()
+    from skimage.segmentation import slic
+
+    a = x[0].detach().float().cpu().numpy().transpose(1, 2, 0)
+    a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+    if a.shape[2] == 1:
+        labels = slic(a[:, :, 0], n_segments=params.n_segments, compactness=params.slic_compactness / 10,
+                      start_label=0, channel_axis=None)  # fmt: skip
+    else:
+        labels = slic(a, n_segments=params.n_segments, compactness=params.slic_compactness, start_label=0)
+    uniq, ids = np.unique(labels, return_inverse=True)
+    if len(uniq) < 2:
+        raise BadParams(
+            f"SLIC found a single superpixel in this image; use superpixels='grid' or change n_segments "
+            f"(now {params.n_segments}) or slic_compactness"
+        )
+    return torch.from_numpy(ids.reshape(h, w)).to(x.device).long()[None, None]
+
+
+def _window(params: OcclusionMethod, h: int, w: int) -> tuple[int, int]:
+    """Occlusion window and stride in pixels (default 1/7 of the side, stride half of it:
+    32/16 at 224, the setting the issue measures)."""
+    window = params.window or max(1, round(min(h, w) / 7))
+    if window > min(h, w):
+        raise BadParams(f"occlusion window {window} px is larger than the {h}x{w} input")
+    stride = params.stride or max(1, window // 2)
+    return window, stride
+
+
+# --- the methods -----------------------------------------------------------------------------
+
+
+class _Run:
+    """One call of :func:`attribute`: the model, chunk sizes and progress of a method."""
+
+    def __init__(self, model: LoadedModel, params: MethodParams, progress: ProgressFn, n: int) -> None:
+        self.model, self.params, self.progress, self.n = model, params, progress, n
+        self.grad_bs = params.batch_size or model.grad_batch_size
+        self.fwd_bs = params.batch_size or model.batch_size
+
+    def grad_forward(self, total: int) -> CountedForward:
+        return CountedForward(self.model.module, self.progress, total, "attribution")
+
+    def fwd_forward(self, total: int) -> CountedForward:
+        return CountedForward(engine_forward(self.model), self.progress, total, "attribution")
+
+    def baseline(self, kind: Baseline, x: torch.Tensor, blur_sigma: float, draw: int = 0) -> torch.Tensor:
+        return make_baseline(kind, x, self.model.manifest, blur_sigma, self.params.seed, draw)
+
+    def baselines(self, kinds: list[Baseline], x: torch.Tensor, blur_sigma: float) -> torch.Tensor:
+        """The baseline distribution for one image ``x`` ``(1, C, H, W)`` -> ``(B, C, H, W)``."""
+        return torch.cat([self.baseline(k, x, blur_sigma, draw=i) for i, k in enumerate(kinds)])
+
+    def per_chunk(
+        self, x: torch.Tensor, t: torch.Tensor, size: int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        out = []
+        for s in _chunks(len(x), size):
+            out.append(fn(x[s], t[s]).detach())
+            self.progress(s.stop, len(x), "attribution")
+        return torch.cat(out)
+
+
+def _saliency(r: _Run, x: torch.Tensor, t: torch.Tensor, p: SaliencyMethod) -> torch.Tensor:
+    method = ca.Saliency(r.grad_forward(len(x)))
+    return r.per_chunk(x, t, r.grad_bs, lambda xc, tc: method.attribute(xc, target=tc, abs=p.abs))
+
+
+def _input_x_gradient(r: _Run, x: torch.Tensor, t: torch.Tensor, p: InputXGradientMethod) -> torch.Tensor:
+    method = ca.InputXGradient(r.grad_forward(len(x)))
+    return r.per_chunk(x, t, r.grad_bs, lambda xc, tc: method.attribute(xc, target=tc))
+
+
+def _integrated_gradients(r: _Run, x: torch.Tensor, t: torch.Tensor, p: IntegratedGradientsMethod) -> torch.Tensor:
+    method = ca.IntegratedGradients(r.grad_forward(len(x) * p.n_steps))
+    # Captum's internal batch holds internal_batch_size // n_images steps: keep <= grad_bs images
+    return r.per_chunk(
+        x,
+        t,
+        r.grad_bs,
+        lambda xc, tc: method.attribute(
+            xc,
+            baselines=r.baseline(p.baseline, xc, p.blur_sigma),
+            target=tc,
+            n_steps=p.n_steps,
+            method=p.integration,
+            internal_batch_size=r.grad_bs,
+        ),
+    )
+
+
+def _noise_tunnel(r: _Run, x: torch.Tensor, t: torch.Tensor, p: NoiseTunnelMethod) -> torch.Tensor:
+    method = ca.NoiseTunnel(ca.IntegratedGradients(r.grad_forward(len(x) * p.nt_samples * p.n_steps)))
+    stdev = p.noise_level * input_range(r.model.manifest)
+
+    def one(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        # noisy copies per partition so that IG's chunks hold about grad_bs inputs
+        per_partition = max(1, r.grad_bs // (len(xc) * p.n_steps))
+        return method.attribute(
+            xc,
+            nt_type=p.nt_type,
+            nt_samples=p.nt_samples,
+            nt_samples_batch_size=per_partition,
+            stdevs=stdev,
+            baselines=r.baseline(p.baseline, xc, p.blur_sigma),
+            target=tc,
+            n_steps=p.n_steps,
+            method=p.integration,
+            internal_batch_size=r.grad_bs,
+        )
+
+    return r.per_chunk(x, t, r.grad_bs, one)
+
+
+def _gradient_shap(r: _Run, x: torch.Tensor, t: torch.Tensor, p: GradientShapMethod) -> torch.Tensor:
+    """Per image; Captum's GradientShap evaluates all ``n_samples`` at once, so the samples are
+    drawn in calls of ``grad_bs`` and averaged (the estimator is a plain mean over samples)."""
+    method = ca.GradientShap(r.grad_forward(len(x) * p.n_samples))
+    out = []
+    for i in range(len(x)):
+        xi, ti = x[i : i + 1], t[i : i + 1]
+        dist = r.baselines(p.baselines, xi, p.blur_sigma)
+        total = torch.zeros_like(xi)
+        for s in _chunks(p.n_samples, r.grad_bs):
+            k = s.stop - s.start
+            total += k * method.attribute(xi, baselines=dist, n_samples=k, stdevs=p.stdevs, target=ti).detach()
+        out.append(total / p.n_samples)
+    return torch.cat(out)
+
+
+def _deeplift(r: _Run, x: torch.Tensor, t: torch.Tensor, p: DeepLiftMethod) -> torch.Tensor:
+    method = ca.DeepLift(rules.prepare(r.model, "deeplift"))
+    # DeepLift evaluates inputs and baselines in one batch of 2n
+    return r.per_chunk(
+        x,
+        t,
+        max(1, r.grad_bs // 2),
+        lambda xc, tc: method.attribute(xc, baselines=r.baseline(p.baseline, xc, p.blur_sigma), target=tc),
+    )
+
+
+def _deeplift_shap(r: _Run, x: torch.Tensor, t: torch.Tensor, p: DeepLiftShapMethod) -> torch.Tensor:
+    method = ca.DeepLiftShap(rules.prepare(r.model, "deeplift"))
+    if len(p.baselines) < 2:
+        raise BadParams("deeplift_shap needs at least two baselines (Captum averages over the distribution)")
+    return r.per_chunk(
+        x, t, 1, lambda xc, tc: method.attribute(xc, baselines=r.baselines(p.baselines, xc, p.blur_sigma), target=tc)
+    )
+
+
+def _guided_module(r: _Run, layer: str | None = None) -> torch.nn.Module:
+    keep = layer or r.model.manifest.gradcam_layer
+    return rules.prepare(r.model, "guided", keep=keep)
+
+
+def _guided_backprop(r: _Run, x: torch.Tensor, t: torch.Tensor, p: GuidedBackpropMethod) -> torch.Tensor:
+    method = ca.GuidedBackprop(_guided_module(r))
+    return r.per_chunk(x, t, r.grad_bs, lambda xc, tc: method.attribute(xc, target=tc))
+
+
+def _deconvolution(r: _Run, x: torch.Tensor, t: torch.Tensor, p: DeconvolutionMethod) -> torch.Tensor:
+    method = ca.Deconvolution(_guided_module(r))
+    return r.per_chunk(x, t, r.grad_bs, lambda xc, tc: method.attribute(xc, target=tc))
+
+
+def _gradcam(r: _Run, x: torch.Tensor, t: torch.Tensor, p: GradCamMethod) -> torch.Tensor:
+    layer = r.model.submodule(gradcam_layer(p, r.model.manifest))
+    method = ca.LayerGradCam(r.grad_forward(len(x)), layer)
+
+    def one(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        cam = method.attribute(xc, target=tc, relu_attributions=p.relu_attributions)
+        if not isinstance(cam, torch.Tensor) or cam.dim() != 4:
+            raise BadParams(f"gradcam: layer {p.layer!r} does not output a (N, C, H, W) feature map")
+        up = ca.LayerAttribution.interpolate(cam, tuple(xc.shape[2:]), interpolate_mode=p.interpolate_mode)
+        return up.expand(-1, xc.shape[1], -1, -1)
+
+    return r.per_chunk(x, t, r.grad_bs, one)
+
+
+def _guided_gradcam(r: _Run, x: torch.Tensor, t: torch.Tensor, p: GuidedGradCamMethod) -> torch.Tensor:
+    name = gradcam_layer(p, r.model.manifest)
+    r.model.submodule(name)  # BadParams when the layer does not exist
+    prepared = _guided_module(r, name)
+    method = ca.GuidedGradCam(prepared, prepared.get_submodule(name))
+    return r.per_chunk(x, t, r.grad_bs, lambda xc, tc: method.attribute(xc, target=tc, interpolate_mode=p.interpolate_mode))
+
+
+def _lrp(r: _Run, x: torch.Tensor, t: torch.Tensor, p: LRPMethod) -> torch.Tensor:
+    prepared = rules.prepare(r.model, "lrp")
+
+    def one(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        rules.lrp_layer_rules(prepared)
+        try:
+            return ca.LRP(prepared).attribute(xc, target=tc)
+        finally:
+            rules.lrp_cleanup(prepared)
+
+    return r.per_chunk(x, t, r.grad_bs, one)
+
+
+def _occlusion(r: _Run, x: torch.Tensor, t: torch.Tensor, p: OcclusionMethod) -> torch.Tensor:
+    c, h, w = x.shape[1:]
+    window, stride = _window(p, h, w)
+    positions = ((h - window) // stride + 1) * ((w - window) // stride + 1)
+    method = ca.Occlusion(r.fwd_forward(len(x) * (positions + 1)))
+    return r.per_chunk(
+        x,
+        t,
+        1,
+        lambda xc, tc: method.attribute(
+            xc,
+            sliding_window_shapes=(c, window, window),
+            strides=(c, stride, stride),
+            baselines=r.baseline(p.baseline, xc, p.blur_sigma),
+            target=tc,
+            perturbations_per_eval=r.fwd_bs,
+        ),
+    )
+
+
+def _superpixel_method(r: _Run, x: torch.Tensor, t: torch.Tensor, p: Any) -> torch.Tensor:
+    """Feature ablation, Shapley value sampling, KernelSHAP and LIME on superpixels, one image
+    per call (each image has its own segmentation)."""
+    per_image = {
+        "feature_ablation": p.n_segments + 1,
+        "shapley_value_sampling": getattr(p, "n_samples", 1) * (p.n_segments + 1),
+    }.get(p.method, getattr(p, "n_samples", 1))
+    fwd = r.fwd_forward(len(x) * per_image)
+    kwargs: dict[str, Any] = {"perturbations_per_eval": r.fwd_bs}
+    method: Any
+    if isinstance(p, FeatureAblationMethod):
+        method = ca.FeatureAblation(fwd)
+    elif isinstance(p, ShapleyValueSamplingMethod):
+        method, kwargs["n_samples"] = ca.ShapleyValueSampling(fwd), p.n_samples
+    elif isinstance(p, KernelShapMethod):
+        method, kwargs["n_samples"] = ca.KernelShap(fwd), p.n_samples
+    else:
+        from captum._utils.models.linear_model import SkLearnLasso
+        from captum.attr._core.lime import get_exp_kernel_similarity_function
+
+        method = ca.Lime(
+            fwd,
+            interpretable_model=SkLearnLasso(alpha=p.alpha),
+            similarity_func=get_exp_kernel_similarity_function("cosine", p.kernel_width),
+        )
+        kwargs["n_samples"] = p.n_samples
+
+    def one(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        mask = superpixel_mask(xc, p)
+        base = r.baseline(p.baseline, xc, p.blur_sigma)
+        return method.attribute(xc, baselines=base, target=tc, feature_mask=mask, **kwargs)
+
+    return r.per_chunk(x, t, 1, one)
+
+
+_METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "saliency": _saliency,
+    "integrated_gradients": _integrated_gradients,
+    "noise_tunnel": _noise_tunnel,
+    "gradient_shap": _gradient_shap,
+    "deeplift": _deeplift,
+    "deeplift_shap": _deeplift_shap,
+    "input_x_gradient": _input_x_gradient,
+    "guided_backprop": _guided_backprop,
+    "deconvolution": _deconvolution,
+    "gradcam": _gradcam,
+    "guided_gradcam": _guided_gradcam,
+    "lrp": _lrp,
+    "occlusion": _occlusion,
+    "feature_ablation": _superpixel_method,
+    "shapley_value_sampling": _superpixel_method,
+    "kernel_shap": _superpixel_method,
+    "lime": _superpixel_method,
+}
+
+
+def attribute(
+    model: LoadedModel,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    params: MethodParams,
+    progress: ProgressFn = no_progress,
+) -> torch.Tensor:
+    """Raw attributions ``(N, C, H, W)`` (float32, on ``images``' device) of ``images``
+    ``(N, C, H, W)`` for ``targets`` ``(N,)`` with the method and params in ``params``.
+
+    Raises BadParams / UnsupportedMethod (422) when the method cannot run on the model.
+    """
+    if isinstance(params, dict):
+        params = AttributionParams.model_validate(params)
+    check_supported(params, model.manifest)
+    x = images.detach().to(model.device, torch.float32)
+    t = targets.detach().to(model.device, torch.long).reshape(-1)
+    if len(t) != len(x):
+        raise BadParams(f"{len(t)} targets for {len(x)} images")
+    run_method = _METHODS[params.method]
+    r = _Run(model, params, progress, len(x))
+    grad = torch.no_grad() if params.method in FORWARD_METHODS else torch.enable_grad()
+    with seeded(params.seed, model.device), grad:
+        out = run_method(r, x, t, params)
+    return out.detach().float()
+
+
+# --- quality scores ------------------------------------------------------------------------
+
+
+def quality_scores(
+    model: LoadedModel,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    attributions: torch.Tensor,
+    params: MethodParams,
+    progress: ProgressFn = no_progress,
+) -> dict[str, list[float]]:
+    """The quality scores ``params`` asks for, one value per image: ``sensitivity_max`` (each
+    explanation recomputed on ``n_perturb_samples`` perturbed copies) and ``infidelity``
+    (through the fast forward engine), with Captum's metrics, seeded by ``params.seed``."""
+    scores: dict[str, list[float]] = {}
+    x = images.detach().to(model.device, torch.float32)
+    t = targets.detach().to(model.device, torch.long)
+    inner = params.model_copy(update={"sensitivity_max": None, "infidelity": None})
+    if params.sensitivity_max is not None:
+        sm = params.sensitivity_max
+        calls = [0]
+
+        def explain(inputs: Any, target: torch.Tensor) -> torch.Tensor:
+            xi = inputs[0] if isinstance(inputs, tuple) else inputs
+            calls[0] += 1
+            progress(min(calls[0], 1 + len(x) * sm.n_perturb_samples), 1 + len(x) * sm.n_perturb_samples,
+                     "sensitivity_max")  # fmt: skip
+            return attribute(model, xi, target, inner)
+
+        with seeded(params.seed, model.device):
+            values = cm.sensitivity_max(
+                explain,
+                x,
+                perturb_radius=sm.perturb_radius,
+                n_perturb_samples=sm.n_perturb_samples,
+                max_examples_per_batch=len(x) * sm.n_perturb_samples,
+                target=t,
+            )
+        scores["sensitivity_max"] = [float(v) for v in values]
+    if params.infidelity is not None:
+        inf = params.infidelity
+
+        def perturb(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            noise = torch.randn_like(inputs) * inf.noise_scale
+            return noise, inputs - noise
+
+        forward = CountedForward(engine_forward(model), progress, len(x) * inf.n_perturb_samples, "infidelity")
+        with seeded(params.seed + 1, model.device), torch.no_grad():
+            values = cm.infidelity(
+                forward,
+                perturb,
+                x,
+                attributions.to(model.device),
+                target=t,
+                n_perturb_samples=inf.n_perturb_samples,
+                max_examples_per_batch=params.batch_size or model.batch_size,
+                normalize=inf.normalize,
+            )
+        scores["infidelity"] = [float(v) for v in values]
+    return scores
+
+
+# --- summaries and artifacts ---------------------------------------------------------------
+
+
+def top_regions(map2d: np.ndarray, grid: int, k: int) -> list[dict[str, Any]]:
+    """The ``k`` cells of a ``grid`` x ``grid`` partition of ``map2d`` ``(H, W)`` holding the
+    largest share of its positive mass: row, column, box ``[y0, x0, y1, x1)`` in pixels of the
+    model input, and share (fraction of the map's positive mass)."""
+    h, w = map2d.shape
+    pos = np.clip(map2d, 0, None).astype(np.float64)
+    total = float(pos.sum())
+    if total <= 0 or k == 0:
+        return []
+    ys = np.linspace(0, h, min(grid, h) + 1).round().astype(int)
+    xs = np.linspace(0, w, min(grid, w) + 1).round().astype(int)
+    cells = [
+        (float(pos[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].sum()) / total, i, j)
+        for i in range(len(ys) - 1)
+        for j in range(len(xs) - 1)
+    ]
+    cells.sort(key=lambda c: -c[0])
+    return [
+        {"row": i, "col": j, "box": [int(ys[i]), int(xs[j]), int(ys[i + 1]), int(xs[j + 1])], "share": share}
+        for share, i, j in cells[:k]
+    ]
+
+
+def image_summary(
+    model: LoadedModel,
+    inputs: Inputs,
+    i: int,
+    attr: torch.Tensor,
+    map2d: np.ndarray,
+    params: MethodParams,
+) -> dict[str, Any]:
+    """JSON summary of image ``i``: target, label, its probability, min/max/mean of the 2-D map,
+    statistics of the raw attribution (its sum: the completeness check of IG and DeepLift),
+    and the top regions."""
+    target = int(inputs.targets[i])
+    a = attr.detach().double()
+    return {
+        "index": i,
+        "target": target,
+        "label": model.manifest.labels[target],
+        "probability": float(inputs.probs[i, target]),
+        "predicted": int(inputs.probs[i].argmax()),
+        "min": float(map2d.min()),
+        "max": float(map2d.max()),
+        "mean": float(map2d.mean()),
+        "attribution": {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "sum": float(a.sum())},
+        "shape": list(attr.shape),
+        "top_regions": top_regions(map2d, params.region_grid, params.top_regions),
+    }
+
+
+def image_artifacts(prefix: str, attr: torch.Tensor, map2d: np.ndarray, display: np.ndarray) -> list[Artifact]:
+    """``{prefix}attribution.npy`` (raw, ``(C, H, W)``), ``{prefix}map.npy`` (``(H, W)``),
+    ``{prefix}heatmap.png`` and ``{prefix}overlay.png``."""
+    return [
+        Artifact(f"{prefix}attribution.npy", render.npy_bytes(attr.detach().cpu().float()), "application/x-npy"),
+        Artifact(f"{prefix}map.npy", render.npy_bytes(map2d), "application/x-npy"),
+        Artifact(f"{prefix}heatmap.png", render.heatmap_png(map2d), "image/png"),
+        Artifact(f"{prefix}overlay.png", render.overlay_png(map2d, display), "image/png"),
+    ]
+
+
+def run(model: LoadedModel, inputs: Inputs, params: MethodParams, progress: ProgressFn) -> KindResult:
+    """The ``attribution`` kind: per image ``{i}-attribution.npy``, ``{i}-map.npy``,
+    ``{i}-heatmap.png``, ``{i}-overlay.png``, and a JSON summary."""
+    t0 = time.perf_counter()
+    attr = attribute(model, inputs.images, inputs.targets, params, progress)
+    runtime = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    scores = quality_scores(model, inputs.images, inputs.targets, attr, params, progress)
+    scores_runtime = time.perf_counter() - t1
+    artifacts: list[Artifact] = []
+    images = []
+    for i in range(len(inputs)):
+        map2d = render.to_2d(attr[i], params.aggregation)
+        summary = image_summary(model, inputs, i, attr[i], map2d, params)
+        summary["runtime_s"] = runtime / len(inputs)
+        for name, values in scores.items():
+            summary[name] = values[i]
+        images.append(summary)
+        artifacts += image_artifacts(f"{i}-", attr[i], map2d, inputs.display[i])
+    summary_all: dict[str, Any] = {
+        "method": params.method,
+        "params": params.model_dump(mode="json"),
+        "runtime_s": runtime,
+        "images": images,
+    }
+    if scores:
+        summary_all["quality_runtime_s"] = scores_runtime
+    return KindResult(summary_all, artifacts)
