@@ -4,9 +4,13 @@
     ├── BadImage              400  corrupt or truncated image
     ├── PayloadTooLarge       413  too many bytes, pixels or images
     ├── UnsupportedMedia      415  not an image, or a format we do not decode
+    ├── Unauthorized          401  no API key, or an unknown one (when keys are configured)
     ├── NotFound              404  (UnknownModel, UnknownJob, UnknownArtifact)
     ├── BadParams             422  params that fail their schema or do not fit the model
-    │   └── UnsupportedMethod 422  a method that cannot run on this model (names the layer)
+    │   ├── UnsupportedMethod 422  a method that cannot run on this model (names the layer)
+    │   └── IdempotencyKeyReused 422  an Idempotency-Key sent again with a different request
+    ├── RateLimited           429  the tenant's request rate is over its limit (Retry-After)
+    │   └── QuotaExceeded     429  the tenant has too many unfinished jobs (Retry-After)
     ├── QueueUnavailable      503  Redis unreachable (with Retry-After)
     ├── NoWorker              503  no worker answered a synchronous call in time
     └── JobFailure            500-class errors raised inside a job (type names the cause)
@@ -80,6 +84,28 @@ class BadParams(InspectorError):
 
 class UnsupportedMethod(BadParams):
     type = "unsupported_method"
+
+
+class IdempotencyKeyReused(BadParams):
+    type = "idempotency_key_reused"
+
+
+class Unauthorized(InspectorError):
+    type, status = "unauthorized", 401
+
+
+class RateLimited(InspectorError):
+    """429; ``retry_after_s`` (whole seconds) becomes the ``Retry-After`` header."""
+
+    type, status = "rate_limited", 429
+
+    def __init__(self, message: str, retry_after_s: int, details: Any = None) -> None:
+        super().__init__(message, details)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
+class QuotaExceeded(RateLimited):
+    type = "quota_exceeded"
 
 
 class QueueUnavailable(InspectorError):

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.errors import ErrorBody
 
@@ -78,14 +78,36 @@ class PredictResponse(BaseModel):
     model_version: str
     predictions: list[Prediction] = Field(description="one per input image, in order")
     runtime_ms: float
+    batch_size: int = Field(1, description="images in the batched forward pass that served this request")
 
 
 class Base64Images(BaseModel):
     """JSON form of a submission: images as base64 (``image_base64`` one, ``images_base64`` many)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     model_id: str | None = None
+    callback_url: str | None = Field(None, description="notified (signed POST) when the job ends")
     image_base64: str | None = None
     images_base64: list[str] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     top_k: int | None = None
     files_base64: dict[str, str] = Field(default_factory=dict, description="extra uploads by name (see the kind)")
+
+
+class WebhookJob(BaseModel):
+    id: str
+    kind: str
+    model_id: str
+    status: JobStatus
+    error: ErrorBody | None = None
+    url: str = Field(description="where to read the job (result and artifacts)")
+
+
+class WebhookEvent(BaseModel):
+    """Body of a completion webhook: POSTed to each ``callback_url`` of a job when it ends,
+    signed with HMAC-SHA256 (``X-Inspector-Signature: sha256=<hex of HMAC(secret,
+    "<X-Inspector-Timestamp>." + body)>``)."""
+
+    event: str = "job.ended"
+    job: WebhookJob

@@ -14,6 +14,9 @@ QUEUES = ("high", "default", "low")
 PREDICT_FUNC = "workers.tasks.predict"
 RUN_JOB_FUNC = "workers.tasks.run_job"
 HELP_JOB_FUNC = "workers.tasks.help_job"
+JOB_ENDED_FUNC = "workers.webhooks.job_ended_task"
+ON_SUCCESS_FUNC = "workers.webhooks.on_success"
+ON_FAILURE_FUNC = "workers.webhooks.on_failure"
 
 
 def input_key(sha256: str) -> str:
@@ -35,6 +38,34 @@ def cancel_key(job_id: str) -> str:
 
 def submit_lock_key(job_id: str) -> str:
     return f"{PREFIX}:submit-lock:{job_id}"
+
+
+def predict_queue_key(model_id: str) -> str:
+    """List of predict requests for one model; workers drain it in batches (workers.batching)."""
+    return f"{PREFIX}:predict:{model_id}"
+
+
+def callbacks_key(job_id: str) -> str:
+    """Set of callback URLs to notify when the job ends."""
+    return f"{PREFIX}:callbacks:{job_id}"
+
+
+def ended_key(job_id: str) -> str:
+    """The job's terminal webhook event (JSON), written once when it ends."""
+    return f"{PREFIX}:ended:{job_id}"
+
+
+def idempotency_key(tenant: str, key: str) -> str:
+    return f"{PREFIX}:idempotency:{tenant}:{key}"
+
+
+def rate_key(tenant: str) -> str:
+    return f"{PREFIX}:rate:{tenant}"
+
+
+def unfinished_key(tenant: str) -> str:
+    """Sorted set of the tenant's job ids not known to have ended (its queue quota)."""
+    return f"{PREFIX}:unfinished:{tenant}"
 
 
 STATS_KEY = f"{PREFIX}:stats"

@@ -26,6 +26,7 @@ class KindSpec:
     min_images: int = 1
     max_images: int | None = None  # None = the server's per-request limit
     files: tuple[str, ...] = ()  # extra uploads the kind accepts (e.g. "attribution" .npy)
+    timeout_s: int | None = None  # time budget of one job; None = settings.job_timeout_s
 
 
 KINDS: dict[str, KindSpec] = {

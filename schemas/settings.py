@@ -36,6 +36,34 @@ class Settings(BaseSettings):
     onnx_engine: bool = Field(True, description="serve forward-only passes with ONNX Runtime")
     intra_op_threads: int = Field(0, ge=0, description="0 = number of CPU cores")
 
+    # Security and tenancy (docs/security.md). No keys configured = auth off (local default).
+    api_keys: str = Field(
+        "",
+        repr=False,
+        description="inline keys, hashed: 'tenant:sha256hex' entries separated by commas or spaces "
+        "(python -m service.auth new-key --tenant NAME prints a key and its entry)",
+    )
+    api_keys_file: str = Field("", description="JSON file of hashed keys with per-tenant limits; empty = none")
+    rate_limit_per_s: float = Field(0.0, ge=0, description="work requests (POST) per tenant per second; 0 = off")
+    rate_limit_burst: int = Field(20, gt=0, description="token-bucket size of the rate limit")
+    max_unfinished_jobs: int = Field(0, ge=0, description="queued + running jobs per tenant; 0 = no quota")
+    idempotency_ttl_s: int = Field(24 * 3600, gt=0, description="how long an Idempotency-Key is remembered")
+
+    # Durability and scaling (docs/deployment.md)
+    job_retries: int = Field(0, ge=0, description="reruns of a job whose worker died or that crashed")
+    job_retry_backoff_s: list[int] = Field([10, 60, 300], description="wait before each rerun (last repeats)")
+    worker_max_jobs: int = Field(0, ge=0, description="a worker exits after this many jobs (0 = never)")
+    worker_max_rss_mb: int = Field(0, ge=0, description="a worker exits after a job that leaves it above this")
+    predict_max_batch: int = Field(32, gt=0, description="images one batched predict forward takes at most")
+    predict_max_delay_ms: float = Field(5.0, ge=0, description="how long a worker waits to fill a predict batch")
+
+    # Completion webhooks (callback_url of a job), signed with HMAC-SHA256
+    webhook_secret: str = Field("", repr=False, description="HMAC key; empty = callback_url refused")
+    webhook_retries: int = Field(5, ge=0)
+    webhook_backoff_s: list[int] = Field([1, 5, 30, 120, 600], description="wait before each redelivery")
+    webhook_timeout_s: int = Field(10, gt=0)
+    webhook_allow_private: bool = Field(False, description="allow callbacks to loopback/private addresses")
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     public_url: str = Field("", description="prefix for absolute links; empty = relative links")

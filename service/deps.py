@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from schemas.settings import Settings, get_settings
 from schemas.manifests import ModelRegistry
+from schemas.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from service.metrics import Metrics
@@ -39,12 +42,31 @@ def queue(name: str, conn: Redis) -> Queue:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, float], AsyncRedis]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def get_async_redis(settings: SettingsDep) -> AsyncRedis:
+    """An asyncio client (for waits that must not hold a thread, e.g. predict replies), one
+    pool per event loop: asyncio connections cannot move between loops."""
+    clients = _async_clients.setdefault(asyncio.get_running_loop(), {})
+    key = (settings.redis_url, settings.redis_timeout_s)
+    if key not in clients:
+        clients[key] = AsyncRedis.from_url(
+            key[0], socket_connect_timeout=key[1], socket_timeout=key[1], health_check_interval=30
+        )
+    return clients[key]
+
+
+AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
+
 
 def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_metrics(request: Request) -> "Metrics":
+def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 

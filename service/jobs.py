@@ -1,8 +1,15 @@
 """Submitting, reading and canceling jobs (the API side of the RQ job machinery).
 
-Job ids are content hashes of (kind, model version, input image hashes, canonical params):
-an identical submission finds the same job, and a finished result is reused. A failed or
-canceled job is replaced by a fresh run of the same id.
+Job ids are content hashes of (tenant, kind, model version, input image hashes, canonical
+params): an identical submission by the same tenant finds the same job, and a finished
+result is reused. A failed or canceled job is replaced by a fresh run of the same id
+(unless the retried request carries the same ``Idempotency-Key``: then it gets the same
+job back, whatever its status). Jobs, their inputs and artifacts belong to their tenant:
+another tenant's job id reads as unknown (404), exactly like a missing one.
+
+Every job carries RQ callbacks (``workers.webhooks.on_success``/``on_failure``, by dotted
+path) that decide whether a failure is retried (``job_retries``) and notify its
+``callback_url``s when it ends.
 """
 
 from __future__ import annotations
@@ -11,23 +18,30 @@ import hashlib
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from rq import Callback, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
 
 from schemas import keys
-from schemas.errors import BadParams, ErrorBody, InspectorError, NoWorker, UnknownJob
+from schemas.errors import BadParams, ErrorBody, IdempotencyKeyReused, InspectorError, NoWorker, UnknownJob
 from schemas.jobs import ArtifactLink, JobPayload, JobStatus, JobView, PredictResponse, Progress
 from schemas.kinds import KINDS, KindSpec
 from schemas.manifests import ModelEntry
 from schemas.settings import Settings
+from service.auth import ANONYMOUS
 from service.deps import queue
 from service.images import DecodedImage
+from service.ratelimit import reserve_job_slot
 
 _STATUS = {
     RQStatus.QUEUED: JobStatus.queued,
@@ -70,11 +84,22 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def scoped_id(tenant: str, sha256: str) -> str:
+    """Id under which a tenant's upload is stored: two tenants never share an input key."""
+    return _sha(f"{tenant}:{sha256}".encode())
+
+
 def job_id_for(
-    kind: str, entry: ModelEntry, images: list[DecodedImage], params: BaseModel, files: dict[str, bytes]
+    kind: str,
+    entry: ModelEntry,
+    images: list[DecodedImage],
+    params: BaseModel,
+    files: dict[str, bytes],
+    tenant: str = ANONYMOUS,
 ) -> str:
     canonical = json.dumps(
         {
+            "tenant": tenant,
             "kind": kind,
             "model": entry.manifest.id,
             "version": entry.version,
@@ -89,24 +114,86 @@ def job_id_for(
 
 
 def store_inputs(
-    conn: Redis, images: list[DecodedImage], ttl: int, files: dict[str, bytes] | None = None
+    conn: Redis,
+    images: list[DecodedImage],
+    ttl: int,
+    files: dict[str, bytes] | None = None,
+    tenant: str = ANONYMOUS,
 ) -> tuple[list[str], dict[str, str]]:
-    """Store normalised images and extra uploads under their sha256; returns their ids."""
-    file_ids = {name: _sha(data) for name, data in (files or {}).items()}
+    """Store normalised images and extra uploads under tenant-scoped ids; returns the ids."""
+    image_ids = [scoped_id(tenant, img.sha256) for img in images]
+    file_ids = {name: scoped_id(tenant, _sha(data)) for name, data in (files or {}).items()}
     with conn.pipeline() as pipe:
-        for img in images:
-            pipe.set(keys.input_key(img.sha256), img.png, ex=ttl)
+        for img, i in zip(images, image_ids, strict=True):
+            pipe.set(keys.input_key(i), img.png, ex=ttl)
         for name, data in (files or {}).items():
             pipe.set(keys.input_key(file_ids[name]), data, ex=ttl)
         pipe.execute()
-    return [img.sha256 for img in images], file_ids
+    return image_ids, file_ids
 
 
-def fetch(conn: Redis, job_id: str) -> Job:
+def tenant_of(job: Job) -> str:
+    return job.meta.get("tenant", ANONYMOUS)
+
+
+def fetch(conn: Redis, job_id: str, tenant: str | None = None) -> Job:
+    """The job, if it exists and (when ``tenant`` is given) belongs to that tenant: another
+    tenant's job is reported exactly like a missing one."""
+    try:
+        job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    except NoSuchJobError:
+        job = None
+    if job is None or (tenant is not None and tenant_of(job) != tenant):
+        raise UnknownJob(f"no job {job_id!r}")
+    return job
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """Who submits, and what they ask for besides the job's content."""
+
+    tenant: str = ANONYMOUS
+    max_unfinished: int = 0  # the tenant's queue quota; 0 = none
+    callback_url: str | None = None
+    idempotency_key: str | None = None
+
+
+def _retry_waits(settings: Settings) -> list[int]:
+    """Seconds before each rerun (RQ repeats the last interval)."""
+    backoff = settings.job_retry_backoff_s or [0]
+    return [backoff[min(i, len(backoff) - 1)] for i in range(settings.job_retries)]
+
+
+def _idempotent_job(conn: Redis, options: SubmitOptions, job_id: str) -> Job | None:
+    """The job an earlier request with the same Idempotency-Key got, if it still exists."""
+    if not options.idempotency_key:
+        return None
+    prior = conn.get(keys.idempotency_key(options.tenant, _sha(options.idempotency_key.encode())))
+    if prior is None:
+        return None
+    if prior.decode() != job_id:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was already used for a different request", details={"job_id": prior.decode()}
+        )
     try:
         return Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
     except NoSuchJobError:
-        raise UnknownJob(f"no job {job_id!r}") from None
+        return None
+
+
+def add_callback(conn: Redis, settings: Settings, job_id: str, url: str) -> None:
+    """Register ``url`` to be notified when the job ends. Atomic with the worker's claim of
+    the callbacks (``workers.webhooks.job_ended``): either the worker sees the URL, or we
+    see that the job already ended and have it notified now."""
+    with conn.pipeline(transaction=True) as pipe:
+        pipe.sadd(keys.callbacks_key(job_id), url)
+        pipe.expire(keys.callbacks_key(job_id), 2 * settings.result_ttl_s)
+        pipe.exists(keys.ended_key(job_id))
+        added, _, ended = pipe.execute()
+    if added and ended:
+        queue("high", conn).enqueue(
+            keys.JOB_ENDED_FUNC, {"job_id": job_id, "urls": [url]}, result_ttl=60, failure_ttl=settings.result_ttl_s
+        )
 
 
 def submit(
@@ -117,11 +204,38 @@ def submit(
     images: list[DecodedImage],
     params: BaseModel,
     files: dict[str, bytes] | None = None,
+    options: SubmitOptions | None = None,
 ) -> tuple[Job, bool]:
-    """Enqueue (or find) the job; returns it and whether an earlier identical job was reused."""
-    spec = KINDS[kind]
+    """Enqueue (or find) the job; returns it and whether an earlier job was reused."""
     files = files or {}
-    job_id = job_id_for(kind, entry, images, params, files)
+    options = options or SubmitOptions()
+    job_id = job_id_for(kind, entry, images, params, files, options.tenant)
+    job = _idempotent_job(conn, options, job_id)
+    reused = job is not None
+    if job is None:
+        job, reused = _find_or_enqueue(conn, settings, kind, entry, images, params, files, options, job_id)
+    if options.idempotency_key:
+        ikey = keys.idempotency_key(options.tenant, _sha(options.idempotency_key.encode()))
+        conn.set(ikey, job_id, ex=settings.idempotency_ttl_s, nx=True)
+    if options.callback_url:
+        add_callback(conn, settings, job_id, options.callback_url)
+    return job, reused
+
+
+def _find_or_enqueue(
+    conn: Redis,
+    settings: Settings,
+    kind: str,
+    entry: ModelEntry,
+    images: list[DecodedImage],
+    params: BaseModel,
+    files: dict[str, bytes],
+    options: SubmitOptions,
+    job_id: str,
+) -> tuple[Job, bool]:
+    spec = KINDS[kind]
+    timeout = spec.timeout_s or settings.job_timeout_s
+    waits = _retry_waits(settings)
     # One submitter at a time per id, so two identical requests cannot both enqueue.
     with conn.lock(keys.submit_lock_key(job_id), timeout=10, blocking_timeout=5):
         try:
@@ -131,8 +245,12 @@ def submit(
             job.delete(delete_dependents=True)
         except NoSuchJobError:
             pass
-        conn.delete(keys.cancel_key(job_id))
-        inputs, file_ids = store_inputs(conn, images, settings.result_ttl_s + settings.job_timeout_s, files)
+        if options.max_unfinished:
+            reserve_job_slot(conn, options.tenant, options.max_unfinished, job_id, time.time())
+        conn.delete(keys.cancel_key(job_id), keys.callbacks_key(job_id), keys.ended_key(job_id))
+        # Inputs outlive every attempt and the result.
+        input_ttl = settings.result_ttl_s + timeout * (len(waits) + 1) + sum(waits)
+        inputs, file_ids = store_inputs(conn, images, input_ttl, files, options.tenant)
         payload = JobPayload(
             kind=kind,
             model_id=entry.manifest.id,
@@ -145,10 +263,18 @@ def submit(
             keys.RUN_JOB_FUNC,
             payload.model_dump(mode="json"),
             job_id=job_id,
-            job_timeout=settings.job_timeout_s,
+            job_timeout=timeout,
             result_ttl=settings.result_ttl_s,
             failure_ttl=settings.result_ttl_s,
-            meta={"kind": kind, "model_id": entry.manifest.id, "progress": Progress().model_dump()},
+            retry=Retry(max=len(waits), interval=waits) if waits else None,
+            on_success=Callback(keys.ON_SUCCESS_FUNC),
+            on_failure=Callback(keys.ON_FAILURE_FUNC),
+            meta={
+                "kind": kind,
+                "model_id": entry.manifest.id,
+                "tenant": options.tenant,
+                "progress": Progress().model_dump(),
+            },
             description=f"{kind} on {entry.manifest.id}",
         )
     return job, False
@@ -173,8 +299,11 @@ def _error(job: Job, status: JobStatus) -> ErrorBody | None:
 def status_of(job: Job, conn: Redis) -> JobStatus:
     rq_status = job.get_status(refresh=True)
     if rq_status == RQStatus.STARTED:
-        # Lets RQ fail the job now if its worker stopped heartbeating (see workers.worker).
-        job.started_job_registry.cleanup()
+        # Lets RQ fail (or retry) the job now if its worker stopped heartbeating (see
+        # workers.worker). Its failure callback may run here, in a thread: no SIGALRM.
+        StartedJobRegistry(
+            job.origin, connection=conn, serializer=JSONSerializer, death_penalty_class=TimerDeathPenalty
+        ).cleanup()
         rq_status = job.get_status(refresh=True)
     status = _STATUS.get(rq_status, JobStatus.queued) if rq_status else JobStatus.failed
     if status is JobStatus.failed and job.meta.get("error", {}).get("type") == "canceled":
@@ -224,6 +353,8 @@ def cancel(conn: Redis, job: Job) -> None:
         job.cancel()
         job.meta["error"] = {"type": "canceled", "message": "canceled before it started", "details": None}
         job.save_meta()
+        # No worker ran it, so no RQ callback fires: have a worker notify its callbacks.
+        queue("high", conn).enqueue(keys.JOB_ENDED_FUNC, {"job_id": job.id}, result_ttl=60)
     elif status == RQStatus.STARTED:
         conn.set(keys.cancel_key(job.id), 1, ex=3600)
 
@@ -237,28 +368,41 @@ def artifact(conn: Redis, job: Job, name: str) -> tuple[bytes, str] | None:
     return None
 
 
-def predict(
-    conn: Redis, settings: Settings, entry: ModelEntry, images: list[DecodedImage], top_k: int
+async def predict(
+    conn: AsyncRedis,
+    settings: Settings,
+    entry: ModelEntry,
+    images: list[DecodedImage],
+    top_k: int,
+    tenant: str = ANONYMOUS,
 ) -> PredictResponse:
-    """Run a predict on the ``high`` queue and wait (bounded) for the worker's reply."""
-    job_id = uuid.uuid4().hex
-    inputs, _ = store_inputs(conn, images, int(settings.predict_timeout_s) + 60)
-    queue("high", conn).enqueue(
-        keys.PREDICT_FUNC,
-        {"model_id": entry.manifest.id, "inputs": inputs, "top_k": top_k},
-        job_id=job_id,
-        job_timeout=int(settings.predict_timeout_s) + 5,
-        result_ttl=settings.predict_result_ttl_s,
-        failure_ttl=settings.predict_result_ttl_s,
-        ttl=int(settings.predict_timeout_s) + 1,  # not started in time: dropped from the queue
+    """Queue a predict request on the model's list and wait (bounded) for the reply.
+
+    Workers drain each model's list in batches (``workers.batching``): one request is one
+    list entry, not an RQ job. A request nobody took before the deadline is taken back,
+    so a worker that starts later does not compute it for nobody.
+    """
+    request_id = uuid.uuid4().hex
+    ttl = int(settings.predict_timeout_s) + 60
+    ids = [scoped_id(tenant, img.sha256) for img in images]
+    item = json.dumps(
+        {"id": request_id, "inputs": ids, "top_k": top_k, "deadline": time.time() + settings.predict_timeout_s}
     )
+    queue_key = keys.predict_queue_key(entry.manifest.id)
+    async with conn.pipeline(transaction=False) as pipe:
+        for img, i in zip(images, ids, strict=True):
+            pipe.set(keys.input_key(i), img.png, ex=ttl)
+        pipe.rpush(queue_key, item)
+        pipe.expire(queue_key, ttl)
+        await pipe.execute()
     deadline = time.monotonic() + settings.predict_timeout_s
     reply = None
     while reply is None and time.monotonic() < deadline:
         # Short BLPOPs keep each Redis call under the socket timeout.
         wait = max(0.01, min(settings.redis_timeout_s * 0.6, deadline - time.monotonic()))
-        reply = conn.blpop([keys.reply_key(job_id)], timeout=wait)
+        reply = await conn.blpop([keys.reply_key(request_id)], timeout=wait)  # type: ignore[misc]
     if reply is None:
+        await conn.lrem(queue_key, 1, item)  # type: ignore[misc]
         raise NoWorker(f"no worker answered within {settings.predict_timeout_s:g} s; are workers running?")
     data = json.loads(reply[1])
     if "error" in data:

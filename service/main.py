@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from schemas.manifests import ModelRegistry
 from schemas.settings import Settings, get_settings
+from service.auth import authenticate, install_auth
 from service.deps import redis_for
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from schemas.manifests import ModelRegistry
 from service.routes import health, jobs, methods, models
+from service.uploads import BodySizeLimit, body_limit
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -25,9 +27,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = ModelRegistry(settings.models_dir)
     app.state.metrics = Metrics(lambda: redis_for(settings.redis_url, settings.redis_timeout_s))
     app.middleware("http")(app.state.metrics.middleware)
+    app.add_middleware(BodySizeLimit, limit=body_limit(settings))
     install_error_handlers(app)
-    for r in (health.router, models.router, methods.router, jobs.router):
-        app.include_router(r)
+    install_auth(app, settings)
+    app.include_router(health.router)  # probes and metrics stay open
+    for r in (models.router, methods.router, jobs.router):
+        app.include_router(r, dependencies=[Depends(authenticate)])
     return app
 
 

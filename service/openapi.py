@@ -10,10 +10,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         400: "corrupt image",
+        401: "missing or invalid API key (when keys are configured)",
         404: "unknown model, job or artifact",
         413: "too many bytes, pixels or images",
         415: "not an image / unsupported content type",
         422: "bad params",
+        429: "rate limit or queue quota of the tenant reached (see Retry-After)",
         503: "Redis unavailable or no worker (see Retry-After)",
     }.items()
 }
@@ -30,6 +32,7 @@ SUBMISSION_BODY: dict[str, Any] = {
                         "model_id": {"type": "string"},
                         "params": {"type": "string", "description": "JSON object"},
                         "top_k": {"type": "integer"},
+                        "callback_url": {"type": "string", "description": "jobs: notified when the job ends"},
                     },
                     "required": ["image"],
                 }
@@ -43,7 +46,10 @@ SUBMISSION_BODY: dict[str, Any] = {
                         "images_base64": {"type": "array", "items": {"type": "string"}},
                         "params": {"type": "object"},
                         "top_k": {"type": "integer"},
+                        "files_base64": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "callback_url": {"type": "string", "description": "jobs: notified when the job ends"},
                     },
+                    "additionalProperties": False,
                 }
             },
         },

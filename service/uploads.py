@@ -1,29 +1,36 @@
 """Reading a submission (multipart or JSON) into validated images and fields.
 
 multipart/form-data: ``image`` (one or more files; ``images`` also accepted), ``model_id``,
-``params`` (JSON text), ``top_k``. application/json: ``schemas.jobs.Base64Images``.
+``params`` (JSON text), ``top_k``, ``callback_url``. application/json:
+``schemas.jobs.Base64Images``. Unknown fields are refused (422), not ignored.
 Limits come from settings: bytes per image, pixels per image, images per request; the whole
-body is capped before it is read (``Content-Length``) and while it is parsed.
+body is capped before it is read (``Content-Length``) and while it arrives
+(``BodySizeLimit``, also for chunked bodies that announce no length).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from schemas.errors import BadImage, BadParams, PayloadTooLarge, UnsupportedMedia
+from schemas.errors import BadImage, BadParams, InspectorError, PayloadTooLarge, UnsupportedMedia
 from schemas.jobs import Base64Images
 from schemas.settings import Settings
 from service.images import DecodedImage, decode_image
 
 IMAGE_FIELDS = ("image", "images")
+TEXT_FIELDS = ("model_id", "params", "top_k", "callback_url")
+MAX_URL_LENGTH = 2048
 
 
 @dataclass
@@ -33,11 +40,63 @@ class Submission:
     params: dict[str, Any] = field(default_factory=dict)
     top_k: int | None = None
     files: dict[str, bytes] = field(default_factory=dict)
+    callback_url: str | None = None
 
 
 def body_limit(settings: Settings) -> int:
     """Largest request body accepted: every image at its limit plus room for the fields."""
     return settings.max_upload_bytes * settings.max_images_per_request * 4 // 3 + 1024 * 1024
+
+
+class BodySizeLimit:
+    """ASGI middleware: a body that grows past ``limit`` bytes is cut off with 413, counted as
+    it arrives (so a chunked upload without Content-Length cannot fill the disk)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise PayloadTooLarge(f"request body is over the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def check_callback_url(url: str, settings: Settings) -> None:
+    """A job's ``callback_url``: absolute http(s), no credentials, and (unless
+    ``webhook_allow_private``) not a loopback or private address. The worker checks the
+    resolved addresses again before each delivery."""
+    if not settings.webhook_secret:
+        raise BadParams("callback_url is not available: this server has no webhook secret configured")
+    if len(url) > MAX_URL_LENGTH:
+        raise BadParams(f"callback_url is longer than {MAX_URL_LENGTH} characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        raise BadParams("callback_url is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadParams("callback_url must be an absolute http:// or https:// URL")
+    if parts.username or parts.password:
+        raise BadParams("callback_url must not contain credentials")
+    if not settings.webhook_allow_private:
+        try:
+            private = not ipaddress.ip_address(parts.hostname).is_global
+        except ValueError:  # a host name: resolved and checked at delivery
+            private = parts.hostname.lower() == "localhost" or parts.hostname.lower().endswith(".localhost")
+        if private:
+            raise BadParams("callback_url points to a loopback or private address")
 
 
 def _decode_all(raw: list[bytes], settings: Settings, allow_none: bool) -> list[DecodedImage]:
@@ -99,6 +158,8 @@ async def read_submission(
             form = await request.form(
                 max_files=settings.max_images_per_request + 1, max_part_size=settings.max_upload_bytes + 1
             )
+        except InspectorError:
+            raise  # e.g. BodySizeLimit's 413
         except Exception as e:  # starlette raises its own MultiPartException, HTTPException...
             raise BadParams(f"cannot parse the multipart body: {getattr(e, 'detail', e)}") from None
         raw: list[bytes] = []
@@ -110,13 +171,17 @@ async def read_submission(
                 raw.append(await item.read(settings.max_upload_bytes + 1))
             elif isinstance(item, UploadFile):
                 extra[name] = await item.read(settings.max_upload_bytes + 1)
+            elif name not in TEXT_FIELDS:
+                raise BadParams(f"unknown field {name!r}", details={"accepted": [*IMAGE_FIELDS, *TEXT_FIELDS]})
         model_id = form.get("model_id")
+        callback_url = form.get("callback_url")
         return Submission(
             model_id=model_id if isinstance(model_id, str) else None,
             images=_decode_all(raw, settings, allow_no_image),
             params=_params(form.get("params")),
             top_k=_top_k(form.get("top_k")),
             files=_check_files(extra, files, settings),
+            callback_url=callback_url if isinstance(callback_url, str) and callback_url else None,
         )
     if ctype == "application/json":
         body = await request.body()
@@ -138,6 +203,7 @@ async def read_submission(
             data.params,
             _top_k(data.top_k),
             _check_files(extra, files, settings),
+            data.callback_url,
         )
     raise UnsupportedMedia(
         f"content type {ctype or 'none'!r}; send multipart/form-data or application/json",

@@ -14,11 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ValidationError
 from redis import Redis
 from rq import Queue, get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
 
 from schemas import keys
 from schemas.errors import BadParams, InspectorError, JobFailure
@@ -78,6 +80,8 @@ def _fail(job: Job, error: InspectorError | JobCanceled | Exception) -> None:
         body = {"type": error.type, "message": error.message, "details": error.details}
     elif isinstance(error, JobCanceled):
         body = {"type": "canceled", "message": "the job was canceled", "details": None}
+    elif isinstance(error, JobTimeoutException):  # raised into the job by RQ's death penalty
+        body = {"type": "timeout", "message": f"the job exceeded its time limit ({job.timeout} s)", "details": None}
     else:
         body = {"type": "internal", "message": f"{type(error).__name__}: {error}", "details": None}
     job.meta["error"] = body
@@ -219,23 +223,27 @@ def predict_images(model_id: str, pngs: list[bytes], top_k: int) -> PredictRespo
     model = model_cache().get(model_id)
     x, _ = preprocess([decode(b) for b in pngs], model.manifest.preprocessing)
     probs = forward_in_chunks(model, x.to(model.device)).softmax(1)
-    k = min(top_k, probs.shape[1])
-    values, indices = probs.topk(k, dim=1)
-    predictions = [
+    return PredictResponse(
+        model_id=model_id,
+        model_version=model.version,
+        predictions=top_predictions(probs, model.manifest.labels, top_k),
+        runtime_ms=(time.perf_counter() - t0) * 1000,
+        batch_size=len(pngs),
+    )
+
+
+def top_predictions(probs: torch.Tensor, labels: list[str], top_k: int) -> list[Prediction]:
+    """The ``top_k`` classes of each row of ``probs`` ``(N, K)``."""
+    values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+    return [
         Prediction(
             top=[
-                ClassScore(index=int(i), label=model.manifest.labels[int(i)], probability=float(v))
+                ClassScore(index=int(i), label=labels[int(i)], probability=float(v))
                 for v, i in zip(vals, idxs, strict=True)
             ]
         )
         for vals, idxs in zip(values.cpu(), indices.cpu(), strict=True)
     ]
-    return PredictResponse(
-        model_id=model_id,
-        model_version=model.version,
-        predictions=predictions,
-        runtime_ms=(time.perf_counter() - t0) * 1000,
-    )
 
 
 def predict(payload: dict[str, Any]) -> dict[str, Any]:

@@ -7,36 +7,69 @@ heartbeat thread: every ``heartbeat_s`` it extends the worker key and the runnin
 execution entry in the StartedJobRegistry by ``lost_after_s`` seconds. When the process
 dies the entry expires, and RQ's own ``StartedJobRegistry.cleanup`` (run by this thread on
 every live worker, and by the API when it reads a started job) moves the job to failed
-with ``AbandonedJobError``, which the API reports as ``worker_lost``.
+with ``AbandonedJobError``, which the API reports as ``worker_lost`` (or reruns it when
+``job_retries`` allows: ``workers.webhooks.on_failure``).
+
+Also here: the predict batcher thread (``workers.batching``), graceful shutdown (SIGTERM:
+RQ's warm shutdown lets the running job finish, then the batcher finishes its batch and
+the worker exits), and recycling (``max_jobs`` through RQ; ``max_rss_mb`` here: a worker
+that a job left above it exits after that job, for its supervisor to start a fresh one).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
 
 from schemas import keys
+
+if TYPE_CHECKING:
+    from workers.batching import PredictBatcher
 
 log = logging.getLogger(__name__)
 
 
 def reap_abandoned(conn: Redis, queue_names: tuple[str, ...] = keys.QUEUES) -> None:
-    """Fail started jobs whose worker stopped heartbeating (RQ's own registry cleanup)."""
+    """Fail (or rerun) started jobs whose worker stopped heartbeating (RQ's own registry
+    cleanup). It runs their failure callbacks in this thread, so no SIGALRM timeouts."""
     for name in queue_names:
-        StartedJobRegistry(name, connection=conn, serializer=JSONSerializer).cleanup()
+        StartedJobRegistry(
+            name, connection=conn, serializer=JSONSerializer, death_penalty_class=TimerDeathPenalty
+        ).cleanup()
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MiB (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 class InspectorWorker(SimpleWorker):
-    def __init__(self, *args: Any, heartbeat_s: float = 3.0, lost_after_s: float = 15.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        heartbeat_s: float = 3.0,
+        lost_after_s: float = 15.0,
+        batcher: PredictBatcher | None = None,
+        max_rss_mb: int = 0,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("serializer", JSONSerializer)
         super().__init__(*args, **kwargs)
+        self.batcher = batcher
+        self.max_rss_mb = max_rss_mb
         self.heartbeat_s = heartbeat_s
         self.lost_after_s = max(int(lost_after_s), 2)
         self._beating = threading.Event()
@@ -48,6 +81,8 @@ class InspectorWorker(SimpleWorker):
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         self._thread.start()
+        if self.batcher is not None:
+            self.batcher.start()
         return super().work(*args, **kwargs)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -56,6 +91,10 @@ class InspectorWorker(SimpleWorker):
             super().execute_job(job, queue)
         finally:
             self._current = None
+        if self.max_rss_mb and (rss := rss_mb()) > self.max_rss_mb:
+            log.warning("worker %s: %.0f MiB resident > %d MiB after job %s: recycling", self.name, rss,
+                        self.max_rss_mb, job.id)  # fmt: skip
+            self._stop_requested = True
 
     def _beat(self) -> None:
         while not self._beating.wait(self.heartbeat_s):
@@ -73,5 +112,7 @@ class InspectorWorker(SimpleWorker):
                 log.warning("heartbeat failed", exc_info=True)
 
     def teardown(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
         self._beating.set()
         super().teardown()

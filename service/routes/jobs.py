@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
@@ -13,16 +14,20 @@ from schemas.errors import BadParams, NotFound, UnknownArtifact
 from schemas.jobs import JobStatus, JobView
 from schemas.kinds import KINDS
 from service import jobs
+from service.auth import TenantDep
 from service.deps import MetricsDep, RedisDep, RegistryDep, SettingsDep
 from service.openapi import ERRORS, SUBMISSION_BODY
-from service.uploads import read_submission
+from service.ratelimit import RateLimitDep, quota_of
+from service.uploads import check_callback_url, read_submission
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 POLL_S = 0.05
 
 
-async def _view(conn: RedisDep, job_id: str, base_url: str = "", deduplicated: bool = False) -> JobView:
-    job = await asyncio.to_thread(jobs.fetch, conn, job_id)
+async def _view(
+    conn: RedisDep, job_id: str, tenant: str, base_url: str = "", deduplicated: bool = False
+) -> JobView:
+    job = await asyncio.to_thread(jobs.fetch, conn, job_id, tenant)
     return await asyncio.to_thread(jobs.view, job, conn, base_url, deduplicated)
 
 
@@ -40,7 +45,17 @@ async def submit(
     registry: RegistryDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    tenant: TenantDep,
+    _: RateLimitDep,
     wait: float = Query(0, ge=0, le=600, description="seconds to wait for the result"),
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            pattern=r"^[!-~]{1,255}$",
+            description="a retried submit with the same key gets the same job back (per tenant, for a day)",
+        ),
+    ] = None,
 ) -> JSONResponse:
     spec = KINDS.get(kind)
     if spec is None:
@@ -48,16 +63,21 @@ async def submit(
     sub = await read_submission(request, settings, spec.files, allow_no_image=spec.min_images == 0)
     if not sub.model_id:
         raise BadParams("model_id is required")
+    if sub.callback_url is not None:
+        check_callback_url(sub.callback_url, settings)
     entry = registry.get(sub.model_id)
     params = jobs.validate_params(spec, sub.params)
     jobs.check_request(spec, entry, params, len(sub.images), settings)
-    job, reused = await asyncio.to_thread(jobs.submit, conn, settings, kind, entry, sub.images, params, sub.files)
+    options = jobs.SubmitOptions(tenant.name, quota_of(tenant, settings), sub.callback_url, idempotency_key)
+    job, reused = await asyncio.to_thread(
+        jobs.submit, conn, settings, kind, entry, sub.images, params, sub.files, options
+    )
     metrics.submitted.labels(kind, str(reused).lower()).inc()
-    view = await _view(conn, job.id, settings.public_url, reused)
+    view = await _view(conn, job.id, tenant.name, settings.public_url, reused)
     deadline = asyncio.get_running_loop().time() + wait
     while not view.status.terminal and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(POLL_S)
-        view = await _view(conn, job.id, settings.public_url, reused)
+        view = await _view(conn, job.id, tenant.name, settings.public_url, reused)
     status = 200 if view.status is JobStatus.finished else 202
     return JSONResponse(
         view.model_dump(mode="json"), status_code=status, headers={"Location": f"/v1/jobs/{job.id}"}
@@ -65,15 +85,15 @@ async def submit(
 
 
 @router.get("/{job_id}", response_model=JobView, responses=ERRORS)
-async def get_job(job_id: str, conn: RedisDep, settings: SettingsDep) -> JobView:
-    return await _view(conn, job_id, settings.public_url)
+async def get_job(job_id: str, conn: RedisDep, settings: SettingsDep, tenant: TenantDep) -> JobView:
+    return await _view(conn, job_id, tenant.name, settings.public_url)
 
 
 @router.get("/{job_id}/events", responses=ERRORS, response_class=EventSourceResponse)
-async def job_events(job_id: str, conn: RedisDep, settings: SettingsDep) -> EventSourceResponse:
+async def job_events(job_id: str, conn: RedisDep, settings: SettingsDep, tenant: TenantDep) -> EventSourceResponse:
     """Server-Sent Events: ``progress`` on every change of status or progress, then one
     ``end`` event with the terminal job (result included), then the stream closes."""
-    first = await _view(conn, job_id, settings.public_url)
+    first = await _view(conn, job_id, tenant.name, settings.public_url)
 
     async def events() -> AsyncIterator[dict[str, str]]:
         view, last = first, None
@@ -86,7 +106,7 @@ async def job_events(job_id: str, conn: RedisDep, settings: SettingsDep) -> Even
                 yield {"event": "progress", "data": view.model_dump_json(include={"id", "status", "progress"})}
                 last = state
             await asyncio.sleep(0.2)
-            view = await _view(conn, job_id, settings.public_url)
+            view = await _view(conn, job_id, tenant.name, settings.public_url)
 
     return EventSourceResponse(events(), ping=15)
 
@@ -96,8 +116,8 @@ async def job_events(job_id: str, conn: RedisDep, settings: SettingsDep) -> Even
     responses={200: {"content": {"image/png": {}, "application/x-npy": {}, "text/csv": {}}}, **ERRORS},
     response_class=Response,
 )
-async def get_artifact(job_id: str, name: str, conn: RedisDep) -> Response:
-    job = await asyncio.to_thread(jobs.fetch, conn, job_id)
+async def get_artifact(job_id: str, name: str, conn: RedisDep, tenant: TenantDep) -> Response:
+    job = await asyncio.to_thread(jobs.fetch, conn, job_id, tenant.name)
     found = await asyncio.to_thread(jobs.artifact, conn, job, name)
     if found is None:
         raise UnknownArtifact(f"job {job_id!r} has no artifact {name!r}")
@@ -106,8 +126,8 @@ async def get_artifact(job_id: str, name: str, conn: RedisDep) -> Response:
 
 
 @router.delete("/{job_id}", response_model=JobView, responses=ERRORS)
-async def cancel_job(job_id: str, conn: RedisDep, settings: SettingsDep) -> JobView:
+async def cancel_job(job_id: str, conn: RedisDep, settings: SettingsDep, tenant: TenantDep) -> JobView:
     """Cancel a queued job at once; a running one stops at its next progress report."""
-    job = await asyncio.to_thread(jobs.fetch, conn, job_id)
+    job = await asyncio.to_thread(jobs.fetch, conn, job_id, tenant.name)
     await asyncio.to_thread(jobs.cancel, conn, job)
-    return await _view(conn, job_id, settings.public_url)
+    return await _view(conn, job_id, tenant.name, settings.public_url)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 
 from schemas.errors import BadParams
 from schemas.jobs import PredictResponse
 from schemas.models import ModelInfo, ModelList
 from service import jobs
-from service.deps import RedisDep, RegistryDep, SettingsDep
+from service.auth import TenantDep
+from service.deps import AsyncRedisDep, RegistryDep, SettingsDep
 from service.openapi import ERRORS, SUBMISSION_BODY
+from service.ratelimit import RateLimitDep
 from service.uploads import read_submission
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -32,14 +32,22 @@ def get_model(model_id: str, registry: RegistryDep) -> ModelInfo:
     response_model=PredictResponse,
     responses=ERRORS,
     openapi_extra=SUBMISSION_BODY,
-    summary="Top-k classes of one or several images (waits for a worker on the high queue)",
+    summary="Top-k classes of one or several images (batched by a worker; the request waits for it)",
 )
 async def predict(
-    model_id: str, request: Request, registry: RegistryDep, conn: RedisDep, settings: SettingsDep
+    model_id: str,
+    request: Request,
+    registry: RegistryDep,
+    conn: AsyncRedisDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    _: RateLimitDep,
 ) -> PredictResponse:
     entry = registry.get(model_id)
     sub = await read_submission(request, settings)
     if sub.params:
         raise BadParams("predict takes no params (use top_k)")
+    if sub.callback_url is not None:
+        raise BadParams("predict answers at once; callback_url is for jobs")
     top_k = sub.top_k or 5
-    return await asyncio.to_thread(jobs.predict, conn, settings, entry, sub.images, top_k)
+    return await jobs.predict(conn, settings, entry, sub.images, top_k, tenant.name)

@@ -1,0 +1,190 @@
+"""Dynamic batching of predicts (what TorchServe calls ``batch_size`` / ``max_batch_delay``).
+
+The API pushes each predict request onto its model's Redis list
+(``schemas.keys.predict_queue_key``) and waits on the request's reply key. In every worker
+that serves the ``high`` queue a ``PredictBatcher`` thread takes the first request waiting
+for any model (BLPOP), then more requests for the same model: whatever is queued already,
+then whatever arrives within ``max_delay_ms``, up to ``max_batch`` images. It runs them
+as one batched forward through the model's forward engine (in the engine's chunk size),
+and pushes each request's reply (``schemas.jobs.PredictResponse`` or an error) onto its
+reply key. Under load, requests pile up while a batch runs, so the next batch fills at
+once and the delay is not waited; with a single client it adds at most ``max_delay_ms``.
+
+LPOP/BLPOP hand each request to exactly one worker, so workers share the load; a request
+past its deadline (its client got 503) is dropped, not computed. The batcher keeps its own
+model cache: a predict never runs through a module that a job on the main thread may be
+hooking (Captum's layer methods register forward hooks), at the cost of one more copy of
+each model that serves predicts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from redis import Redis
+
+from schemas import keys
+from schemas.errors import InspectorError, JobFailure
+from schemas.jobs import PredictResponse
+from schemas.manifests import ModelRegistry
+from workers.pipeline import decode, forward_in_chunks
+from workers.registry import ModelCache, preprocess
+from workers.tasks import top_predictions
+
+log = logging.getLogger(__name__)
+REPLY_TTL_S = 60
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    id: str
+    inputs: list[str]  # input ids (schemas.keys.input_key)
+    top_k: int
+    deadline: float  # unix time after which the API no longer waits
+
+    @classmethod
+    def parse(cls, raw: bytes) -> PredictRequest:
+        d = json.loads(raw)
+        return cls(d["id"], list(d["inputs"]), int(d["top_k"]), float(d["deadline"]))
+
+
+def _error(e: InspectorError) -> dict[str, Any]:
+    return {"error": {"type": e.type, "message": e.message, "details": e.details, "status": e.status}}
+
+
+class PredictBatcher:
+    def __init__(
+        self,
+        conn: Redis,
+        models: ModelCache,
+        max_batch: int = 32,
+        max_delay_ms: float = 5.0,
+        block_s: float = 1.0,
+    ) -> None:
+        self.conn, self.models = conn, models
+        self.registry = ModelRegistry(models.models_dir)
+        self.max_batch, self.max_delay_s, self.block_s = max_batch, max_delay_ms / 1000, block_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.batches = 0  # counters, for logs and tests
+        self.requests = 0
+
+    # --- taking requests ---
+
+    def next_batch(self) -> tuple[str, list[PredictRequest]] | None:
+        """Block up to ``block_s`` for a request; then fill its model's batch (see module doc)."""
+        ids = sorted(self.registry.entries())
+        if not ids:
+            time.sleep(self.block_s)
+            return None
+        popped = self.conn.blpop([keys.predict_queue_key(m) for m in ids], timeout=self.block_s)
+        if popped is None:
+            return None
+        key = popped[0].decode()
+        batch = [PredictRequest.parse(popped[1])]
+        n = len(batch[0].inputs)
+        fill_until = time.monotonic() + self.max_delay_s
+        while n < self.max_batch:
+            raw = self.conn.lpop(key, self.max_batch - n) or []
+            if not raw:
+                left = fill_until - time.monotonic()
+                if left < 0.001:
+                    break
+                one = self.conn.blpop([key], timeout=left)
+                if one is None:
+                    break
+                raw = [one[1]]
+            for r in raw:
+                batch.append(PredictRequest.parse(r))
+                n += len(batch[-1].inputs)
+        return key.removeprefix(keys.predict_queue_key("")), batch
+
+    # --- serving them ---
+
+    def serve(self, model_id: str, batch: list[PredictRequest]) -> dict[str, dict[str, Any]]:
+        """Replies by request id (pushed onto each reply key); one forward for the batch."""
+        t0 = time.perf_counter()
+        now = time.time()
+        live = [r for r in batch if r.deadline > now]
+        replies: dict[str, dict[str, Any]] = {}
+        try:
+            model = self.models.get(model_id)
+            data = self.conn.mget([keys.input_key(i) for r in live for i in r.inputs]) if live else []
+            tensors: list[torch.Tensor] = []
+            ok: list[PredictRequest] = []
+            at = 0
+            for r in live:
+                pngs, at = data[at : at + len(r.inputs)], at + len(r.inputs)
+                if any(p is None for p in pngs):
+                    replies[r.id] = _error(JobFailure("the input images expired", type="input_expired"))
+                    continue
+                try:
+                    x, _ = preprocess([decode(p) for p in pngs], model.manifest.preprocessing)
+                except Exception as e:  # one bad request must not sink the batch
+                    log.exception("predict %s: cannot read its inputs", r.id)
+                    replies[r.id] = _error(JobFailure(f"cannot read the inputs: {e}", type="internal"))
+                    continue
+                tensors.append(x)
+                ok.append(r)
+            if ok:
+                x = torch.cat(tensors).to(model.device)
+                probs = forward_in_chunks(model, x).softmax(1)
+                ms = (time.perf_counter() - t0) * 1000
+                at = 0
+                for r in ok:
+                    p, at = probs[at : at + len(r.inputs)], at + len(r.inputs)
+                    replies[r.id] = PredictResponse(
+                        model_id=model_id,
+                        model_version=model.version,
+                        predictions=top_predictions(p, model.manifest.labels, r.top_k),
+                        runtime_ms=ms,
+                        batch_size=len(x),
+                    ).model_dump()
+        except InspectorError as e:
+            replies = {r.id: _error(e) for r in live}
+        except Exception as e:  # the waiting requests must get an answer, not a timeout
+            log.exception("predict batch of %s failed", model_id)
+            replies = {r.id: _error(JobFailure(f"{type(e).__name__}: {e}", type="internal")) for r in live}
+        if replies:
+            with self.conn.pipeline(transaction=False) as pipe:
+                for request_id, reply in replies.items():
+                    pipe.rpush(keys.reply_key(request_id), json.dumps(reply))
+                    pipe.expire(keys.reply_key(request_id), REPLY_TTL_S)
+                pipe.execute()
+        self.batches += 1
+        self.requests += len(batch)
+        return replies
+
+    def serve_once(self) -> int:
+        """Take and serve one batch; returns how many requests it had (0 when none came)."""
+        got = self.next_batch()
+        if got is None:
+            return 0
+        self.serve(*got)
+        return len(got[1])
+
+    # --- the thread ---
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.serve_once()
+            except Exception:  # e.g. Redis restarting: keep serving once it is back
+                log.warning("predict batcher: retrying after an error", exc_info=True)
+                self._stop.wait(1.0)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="predict-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in hand, then stop (graceful shutdown)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
