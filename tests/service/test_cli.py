@@ -1,0 +1,61 @@
+"""The `inspector` CLI against a real API server (uvicorn) and the session's worker."""
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, free_port, settings_env
+from tests.helpers import digit_png
+
+
+@pytest.fixture
+def api_url(settings, worker):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "service.main:app", "--port", str(port), "--log-level", "warning"],
+        env=settings_env(settings),
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def inspector(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_predict_and_explain_save_artifacts(api_url, settings, tmp_path):
+    image, label = digit_png(11)
+    path = tmp_path / "digit.png"
+    path.write_bytes(image)
+    env = settings_env(settings)
+    out = inspector("predict", str(path), "--model", "digits-cnn", "--top-k", "3", "--url", api_url, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == str(path) and len(lines) == 4 and lines[1].split()[1] == str(label)
+
+    params = json.dumps({"aggregation": "positive"})
+    out = inspector("explain", "saliency", str(path), "--model", "digits-cnn", "--params", params,
+                    "--out", str(tmp_path / "out"), "--url", api_url, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    saved = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"result.json", "0-heatmap.png", "0-overlay.png", "0-attribution.npy"} <= saved
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["status"] == "finished"
+
+    bad = inspector("explain", "saliency", str(path), "--model", "nope", "--url", api_url, env=env)
+    assert bad.returncode != 0 and "unknown_model" in bad.stderr
