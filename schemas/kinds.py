@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from schemas.attribution import AttributionParams, CompareParams, OcclusionMapParams
 from schemas.params import SaliencyParams
+from schemas.u_analysis import UAnalysisParams, USweepParams
 
 Queue = Literal["high", "default", "low"]
 
@@ -41,5 +42,7 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("attribution", AttributionParams, "default", "Attribution map by any Captum method."),
         KindSpec("occlusion_map", OcclusionMapParams, "default", "Probability under a sliding occluder."),
         KindSpec("compare", CompareParams, "default", "Several attribution methods: table and grid."),
+        KindSpec("u_analysis", UAnalysisParams, "default", "U Analysis: regions replaced in order, U-triples.", files=("attribution",)),  # noqa: E501
+        KindSpec("u_sweep", USweepParams, "low", "U Analysis over a data set x a grid: U occurrence.", min_images=0),
     ]
 }

@@ -12,10 +12,11 @@ Terms used below:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.attribution import AttributionMethod, AttributionParams
 from schemas.params import Aggregation, JobParams
 
 Order = Literal["decreasing", "increasing", "random"]
@@ -48,8 +49,8 @@ PAPER_METHODS: list[str] = [
     "gradient_shap",
     "guided_backprop",
     "deconvolution",
-    "grad_cam",
-    "guided_grad_cam",
+    "gradcam",
+    "guided_gradcam",
 ]
 """The sweep's default methods. The paper uses "10 different interpretability methods" without
 naming them in the text; these are the ten gradient-based Captum methods the authors' code
@@ -71,15 +72,26 @@ MAX_REGIONS = 4096
 """Each region costs one model evaluation; beyond this a window is surely a mistake."""
 
 
+def paper_methods() -> list[Any]:
+    """``PAPER_METHODS`` with their default params."""
+    return [AttributionParams.model_validate({"method": name}) for name in PAPER_METHODS]
+
+
+def _check_method_fields(methods: list[Any]) -> None:
+    for m in methods:
+        if m.target is not None or m.batch_size is not None:
+            raise ValueError(f"{m.method}: set target and batch_size on the job, not on the method")
+
+
 class NoiseParams(BaseModel):
     """Noise and region settings shared by ``u_analysis`` and ``u_sweep``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    aggregation: Aggregation = Field(
-        "sum",
-        description="channel aggregation of the attribution before the window sums; 'sum' is the paper's "
-        "'summing up all attribution weight' of each region",
+    aggregation: Aggregation | None = Field(
+        None,
+        description="channel aggregation of the attribution before the window sums; null = the method's own "
+        "(for an uploaded map: 'sum', the paper's 'summing up all attribution weight' of each region)",
     )
     gaussian_mean: float = Field(0.0, description="mean of 'gaussian' noise, pixel space")
     gaussian_std: float = Field(1.0, gt=0, description="standard deviation of 'gaussian' noise, pixel space")
@@ -96,9 +108,10 @@ class UAnalysisParams(NoiseParams, JobParams):
     cumulative replacement of regions by noise in the chosen order, model predictions along
     the sequence x_0 (original) ... x_N (every region replaced), and every U-triple."""
 
-    method: str = Field(
-        "saliency",
-        description="attribution method computing the importance map (ignored when a map is uploaded)",
+    attribution: AttributionMethod = Field(
+        default_factory=lambda: AttributionParams.model_validate({"method": "saliency"}),
+        description="attribution method and its params computing the importance map (ignored when a map is "
+        "uploaded); target and batch_size are the job's",
     )
     window_px: int | None = Field(None, ge=1, description="window side in pixels (overrides window_fraction)")
     window_fraction: float = Field(
@@ -106,6 +119,11 @@ class UAnalysisParams(NoiseParams, JobParams):
     )
     order: Order = "decreasing"
     noise: NoiseType = "zeros"
+
+    @model_validator(mode="after")
+    def _no_method_job_fields(self) -> UAnalysisParams:
+        _check_method_fields([self.attribution])
+        return self
 
 
 class USweepParams(NoiseParams, JobParams):
@@ -118,7 +136,11 @@ class USweepParams(NoiseParams, JobParams):
         description="the model's registered data set split, or the uploaded images (labels = target)",
     )
     limit: int | None = Field(None, ge=1, description="use only the first `limit` images of the data set")
-    methods: list[str] = Field(default_factory=lambda: list(PAPER_METHODS), min_length=1)
+    methods: list[AttributionMethod] = Field(
+        default_factory=lambda: paper_methods(),
+        min_length=1,
+        description="attribution methods with their params (default: the paper's ten, Captum's defaults)",
+    )
     orders: list[Order] = Field(default_factory=lambda: list(PAPER_ORDERS), min_length=1)
     noises: list[NoiseType] = Field(default_factory=lambda: list(PAPER_NOISES), min_length=1)
     window_fractions: list[float] | None = Field(
@@ -130,7 +152,8 @@ class USweepParams(NoiseParams, JobParams):
 
     @model_validator(mode="after")
     def _grid(self) -> USweepParams:
-        for name in ("methods", "orders", "noises", "window_fractions", "window_px"):
+        _check_method_fields(self.methods)
+        for name in ("orders", "noises", "window_fractions", "window_px"):
             values = getattr(self, name)
             if values is not None and len(set(values)) != len(values):
                 raise ValueError(f"{name} has duplicates")
@@ -141,6 +164,15 @@ class USweepParams(NoiseParams, JobParams):
         if self.window_px is None and any(not 0 < f <= 1 for f in self.window_fractions or []):
             raise ValueError("window_fractions must be in (0, 1]")
         return self
+
+    @property
+    def method_keys(self) -> list[str]:
+        """One name per method: its ``method``, suffixed ``#2``, ``#3``... when it repeats."""
+        keys, seen = [], {}  # type: ignore[var-annotated]
+        for m in self.methods:
+            seen[m.method] = seen.get(m.method, 0) + 1
+            keys.append(m.method if seen[m.method] == 1 else f"{m.method}#{seen[m.method]}")
+        return keys
 
     @property
     def windows(self) -> list[tuple[str, int | float]]:

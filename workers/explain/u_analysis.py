@@ -1,0 +1,661 @@
+"""U Analysis: Algorithm 1 of papers/u-analysis-and-model-inspector ("U Analysis", section 3).
+
+Given an image ``x`` ``(C, H, W)``, its target ``y`` and an attribution map ``I``:
+
+1. Regions: the image is tiled by non-overlapping ``W x W`` windows from the top-left corner,
+   in raster order. When ``W`` does not divide the side, the last row/column of windows is
+   narrower (a partial window of ``H mod W`` pixels): every pixel belongs to exactly one
+   region, so ``x_N`` holds no pixel of ``x`` (the paper: "the x_N image does not have any
+   information"). A region's importance is the sum of the (channel-aggregated) attribution
+   over its pixels (the paper's ``get_region_importance``), so a partial window sums over
+   fewer pixels.
+2. Order: decreasing or increasing importance (stable sort: ties keep raster order), or a
+   seeded random permutation.
+3. ``x_i`` = ``x`` with its first ``i`` regions (in that order) replaced by noise, ``i = 0..N``
+   (``x_0`` the original). The noise is one image ``z`` drawn once in pixel space, so a region
+   keeps the same noise in every later ``x_j`` (as the authors' cumulative code does).
+4. The model's prediction along the sequence; every gap between consecutive correctly
+   predicted indices ``left < right`` with ``right - left > 1`` is a U: ``f(x_left) = y``,
+   ``f(x_middle) != y`` for every ``left < middle < right``, ``f(x_right) = y``.
+
+The paper picks one random middle per gap; we report all middles (deterministic) and also the
+paper's pick, drawn from a seeded generator. Per U we report the patches removed between
+``left`` and ``right`` (``order[left:right]``) and the suppressor patches, the paper's
+"patches in x_middle but not in x_right" (``order[middle:right]``) for the first middle
+``left + 1``: their presence, with ``order[right:]`` present, turns the prediction away
+from ``y``; the suffix ``order[m:right]`` is the set for a later middle ``m``.
+
+Every sequence image goes through ``model.forward`` (the fast engine) in chunks of
+``params.batch_size or model.batch_size`` that run across images, so the cost after the
+attribution is that of ``sum(N_i + 1)`` forward evaluations.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from schemas.errors import BadParams
+from schemas.models import Preprocessing
+from schemas.params import Aggregation
+from schemas.u_analysis import MAX_REGIONS, NoiseParams, NoiseType, Order, UAnalysisParams
+from workers import render
+from workers.explain.base import Artifact, Inputs, KindResult, LoadedModel, ProgressFn, no_progress
+
+STREAM_ORDER, STREAM_NOISE, STREAM_MIDDLE = 1, 2, 3
+"""Independent random streams per image: ``SeedSequence([seed, image_index, stream, ...])``."""
+
+MAX_STRIP_ROWS = 8
+PROGRESS_REPORTS = 200
+"""At most about this many progress calls per evaluation (each may write to Redis)."""
+
+
+def rng_for(seed: int, index: int, stream: int, *extra: int) -> np.random.Generator:
+    """The generator of one random stream of one image: reproducible whatever the batching."""
+    return np.random.default_rng(np.random.SeedSequence([seed, index, stream, *extra]))
+
+
+# ---------------------------------------------------------------------------------------------
+# regions
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Non-overlapping ``window x window`` regions of an ``height x width`` image, raster order;
+    the last row/column is partial when the window does not divide the side."""
+
+    height: int
+    width: int
+    window: int
+
+    @property
+    def rows(self) -> int:
+        return -(-self.height // self.window)
+
+    @property
+    def cols(self) -> int:
+        return -(-self.width // self.window)
+
+    @property
+    def n(self) -> int:
+        return self.rows * self.cols
+
+    def labels(self) -> np.ndarray:
+        """``(H, W)`` int64: the region index of each pixel."""
+        r = np.arange(self.height) // self.window
+        c = np.arange(self.width) // self.window
+        return r[:, None] * self.cols + c[None, :]
+
+    def box(self, region: int) -> tuple[int, int, int, int]:
+        """``(top, left, bottom, right)`` of a region in pixels, bottom/right exclusive."""
+        r, c = divmod(int(region), self.cols)
+        top, left = r * self.window, c * self.window
+        return top, left, min(top + self.window, self.height), min(left + self.window, self.width)
+
+
+def window_pixels(size: tuple[int, int], window_px: int | None, window_fraction: float | None) -> int:
+    """The window side in pixels: ``window_px``, else ``round(fraction * shorter side)`` (at
+    least 1). BadParams when it exceeds the image or makes more than ``MAX_REGIONS`` regions."""
+    side = min(size)
+    if window_px is not None:
+        if window_px > side:
+            raise BadParams(f"window_px={window_px} is larger than the image side ({side} px)")
+        win = int(window_px)
+    elif window_fraction is not None:
+        win = max(1, min(side, round(window_fraction * side)))
+    else:
+        raise BadParams("give window_px or window_fraction")
+    n = Grid(size[0], size[1], win).n
+    if n > MAX_REGIONS:
+        raise BadParams(
+            f"a {win} px window makes {n} regions on a {size[0]}x{size[1]} image (at most {MAX_REGIONS}): "
+            "each region costs one model evaluation; use a larger window",
+            details={"window_px": win, "regions": n},
+        )
+    return win
+
+
+def region_importance(attr2d: np.ndarray, grid: Grid) -> np.ndarray:
+    """``(H, W)`` map -> ``(N,)`` float64: the sum of the map over each region."""
+    return np.bincount(grid.labels().ravel(), weights=np.asarray(attr2d, np.float64).ravel(), minlength=grid.n)
+
+
+def region_order(importance: np.ndarray, order: Order, rng: np.random.Generator) -> np.ndarray:
+    """``(N,)`` int64 permutation of region indices, first removed first. Sorting is stable
+    (ties keep raster order); ``rng`` is used only by ``random``."""
+    if order == "decreasing":
+        return np.argsort(-importance, kind="stable")
+    if order == "increasing":
+        return np.argsort(importance, kind="stable")
+    return rng.permutation(len(importance))
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel space and noise
+
+
+@dataclass(frozen=True)
+class PixelSpace:
+    """The affine map between pixel space ``u`` in ``[0, 1]`` and the model's input:
+    ``x = a * u + b`` per channel, from the manifest's ``x = (255 * u * scale - mean) / std``."""
+
+    a: torch.Tensor  # (C, 1, 1)
+    b: torch.Tensor  # (C, 1, 1)
+
+    @classmethod
+    def of(cls, pre: Preprocessing, channels: int) -> PixelSpace:
+        def per_channel(values: list[float]) -> torch.Tensor:
+            v = torch.tensor(values, dtype=torch.float32)
+            v = v.expand(channels) if len(v) == 1 else v[:channels]
+            return v[:, None, None]
+
+        mean, std = per_channel(pre.mean), per_channel(pre.std)
+        return cls(a=255.0 * pre.scale / std, b=-mean / std)
+
+    def to_model(self, u: torch.Tensor) -> torch.Tensor:
+        return u * self.a.to(u.device) + self.b.to(u.device)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b.to(x.device)) / self.a.to(x.device)
+
+    def to_uint8(self, x: torch.Tensor) -> np.ndarray:
+        """``(C, H, W)`` model input -> ``(H, W, 3)`` uint8 for display (grey replicated)."""
+        u = self.to_pixels(x.detach().float().cpu()).clamp(0, 1)
+        rgb = (u * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb[:, :, :3]
+
+
+def noise_pixels(
+    u: np.ndarray, noise: NoiseType, params: NoiseParams, grid: Grid, space_mean: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """The replacement image in pixel space, ``(C, H, W)`` float32, for an image ``u`` in pixel
+    space. ``space_mean`` ``(C,)``: the normalisation mean in pixel space (``dataset_mean``).
+    ``rng`` draws ``gaussian`` (``rng.normal``) and ``uniform`` (``rng.random``) noise over
+    the whole ``(C, H, W)`` image at once."""
+    c = u.shape[0]
+    if noise == "zeros":
+        z = np.zeros_like(u)
+    elif noise == "ones":
+        z = np.ones_like(u)
+    elif noise == "constant":
+        z = np.full_like(u, params.constant)
+    elif noise == "gaussian":
+        z = rng.normal(params.gaussian_mean, params.gaussian_std, size=u.shape)
+    elif noise == "uniform":
+        z = rng.random(size=u.shape)
+    elif noise == "image_mean":
+        z = np.broadcast_to(u.mean(axis=(1, 2), keepdims=True), u.shape)
+    elif noise == "dataset_mean":
+        z = np.broadcast_to(space_mean.reshape(c, 1, 1), u.shape)
+    elif noise == "region_mean":
+        labels = grid.labels().ravel()
+        counts = np.bincount(labels, minlength=grid.n)
+        means = np.stack([np.bincount(labels, weights=u[k].ravel(), minlength=grid.n) / counts for k in range(c)])
+        z = means[:, labels].reshape(u.shape)
+    elif noise == "blur":
+        from scipy.ndimage import gaussian_filter
+
+        sigma = params.blur_sigma if params.blur_sigma is not None else grid.window / 2
+        z = gaussian_filter(u.astype(np.float64), sigma=(0, sigma, sigma), mode="reflect")
+    else:  # pragma: no cover - the schema's Literal rules it out
+        raise BadParams(f"unknown noise {noise!r}")
+    if params.clip:
+        z = np.clip(z, 0.0, 1.0)
+    return np.ascontiguousarray(z, dtype=np.float32)
+
+
+def noise_image(
+    x: torch.Tensor, noise: NoiseType, params: NoiseParams, grid: Grid, space: PixelSpace, index: int
+) -> torch.Tensor:
+    """The replacement image ``(C, H, W)`` in the model's input space for the model input ``x``
+    ``(C, H, W)`` of image number ``index`` (random noise from ``rng_for(seed, index,
+    STREAM_NOISE)``)."""
+    u = space.to_pixels(x.detach().float().cpu()).numpy()
+    space_mean = space.to_pixels(torch.zeros(x.shape[0], 1, 1)).numpy().ravel()
+    z = noise_pixels(u, noise, params, grid, space_mean, rng_for(params.seed, index, STREAM_NOISE))
+    return space.to_model(torch.from_numpy(z)).to(device=x.device, dtype=x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sequence x_0 ... x_N and its evaluation
+
+
+def pixel_ranks(grid: Grid, order: np.ndarray) -> torch.Tensor:
+    """``(H, W)`` int64: the position in ``order`` of each pixel's region; pixel p is replaced in
+    ``x_i`` iff ``rank(p) < i``."""
+    rank = np.empty(grid.n, dtype=np.int64)
+    rank[order] = np.arange(grid.n)
+    return torch.from_numpy(rank[grid.labels()])
+
+
+def sequence_images(x: torch.Tensor, z: torch.Tensor, ranks: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """``x_i`` for ``i`` in ``steps`` ``(S,)``: ``(S, C, H, W)``, pixels of the first ``i`` regions
+    from ``z``, the others from ``x`` (both ``(C, H, W)``)."""
+    mask = ranks.to(x.device)[None, None] < steps.to(x.device)[:, None, None, None]
+    return torch.where(mask, z[None], x[None])
+
+
+@dataclass
+class SequenceSpec:
+    """Rows to evaluate: ``x_i`` for ``i`` in ``steps`` of one sequence, and the class whose
+    probability is read."""
+
+    x: torch.Tensor  # (C, H, W)
+    z: torch.Tensor  # (C, H, W)
+    ranks: torch.Tensor  # (H, W)
+    steps: torch.Tensor  # (S,) int64
+    target: int
+
+
+def _pieces(specs: Sequence[SequenceSpec], batch: int) -> Iterator[torch.Tensor]:
+    """Slices of the concatenated rows, cut at every multiple of ``batch``."""
+    offset = 0
+    for s in specs:
+        i = 0
+        while i < len(s.steps):
+            k = min(len(s.steps) - i, batch - offset % batch)
+            yield sequence_images(s.x, s.z, s.ranks, s.steps[i : i + k])
+            i += k
+            offset += k
+
+
+def evaluate_sequences(
+    model: LoadedModel,
+    specs: Sequence[SequenceSpec],
+    batch_size: int,
+    progress: ProgressFn = no_progress,
+    stage: str = "evaluating",
+    need_probability: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of ``specs`` through ``model.forward`` in chunks of ``batch_size`` (chunks run
+    across sequences), progress reported every ``1 / PROGRESS_REPORTS`` of the rows. Returns
+    ``(predicted (R,) int64, target probability (R,) float32)`` in row order,
+    ``R = sum(len(s.steps))`` (probabilities are NaN when not needed)."""
+    total = sum(len(s.steps) for s in specs)
+    targets = torch.tensor([s.target for s in specs for _ in range(len(s.steps))], dtype=torch.long)
+    predicted = np.empty(total, dtype=np.int64)
+    prob = np.full(total, np.nan, dtype=np.float32)
+    pending: list[torch.Tensor] = []
+    n_pending, done, reported = 0, 0, 0
+    every = max(1, total // PROGRESS_REPORTS)
+
+    def flush() -> None:
+        nonlocal pending, n_pending, done, reported
+        logits = model.forward(torch.cat(pending) if len(pending) > 1 else pending[0]).float()
+        predicted[done : done + n_pending] = logits.argmax(1).cpu().numpy()
+        if need_probability:
+            t = targets[done : done + n_pending].to(logits.device)
+            prob[done : done + n_pending] = logits.softmax(1).gather(1, t[:, None])[:, 0].cpu().numpy()
+        done += n_pending
+        pending, n_pending = [], 0
+        if done - reported >= every or done == total:
+            reported = done
+            progress(done, total, stage)
+
+    for piece in _pieces(specs, batch_size):
+        pending.append(piece)
+        n_pending += len(piece)
+        if n_pending == batch_size:
+            flush()
+    if pending:
+        flush()
+    return predicted, prob
+
+
+# ---------------------------------------------------------------------------------------------
+# U-triples
+
+
+def find_u_triples(
+    predicted: Sequence[int] | np.ndarray, target: int, order: np.ndarray, rng: np.random.Generator | None = None
+) -> list[dict[str, Any]]:
+    """Every U of a sequence (Algorithm 1's loop over consecutive correct positions).
+
+    ``predicted`` ``(N+1,)``: the class predicted for ``x_0 .. x_N``; ``order`` ``(N,)``: regions
+    in removal order. Returns, per gap between consecutive correct indices, ``left``, ``right``,
+    all ``middles``, the paper's random ``middle`` (from ``rng``; the first middle without
+    one), ``removed`` = ``order[left:right]`` and ``suppressors`` = ``order[left+1:right]``.
+    """
+    correct = np.flatnonzero(np.asarray(predicted) == target)
+    triples = []
+    for left, right in zip(correct[:-1].tolist(), correct[1:].tolist(), strict=True):
+        if right - left > 1:
+            middles = list(range(left + 1, right))
+            middle = int(rng.choice(middles)) if rng is not None else middles[0]
+            triples.append(
+                {
+                    "left": left,
+                    "middle": middle,
+                    "right": right,
+                    "middles": middles,
+                    "removed": [int(r) for r in order[left:right]],
+                    "suppressors": [int(r) for r in order[left + 1 : right]],
+                }
+            )
+    return triples
+
+
+# ---------------------------------------------------------------------------------------------
+# attribution
+
+
+def compute_attribution(
+    model: LoadedModel,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    method: Any,
+    progress: ProgressFn = no_progress,
+) -> torch.Tensor:
+    """Attribution ``(N, C, H, W)`` of ``images`` ``(N, C, H, W)`` for ``targets`` ``(N,)`` by
+    ``method`` (an ``AttributionMethod`` params model), through the ``attribution`` kind."""
+    from workers.explain.attribution import attribute
+
+    return attribute(model, images, targets, method, progress)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """An uploaded ``.npy`` file (no pickles); BadParams when it is not one."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BadParams(f"the attribution upload is not a readable .npy array: {e}") from None
+
+
+def uploaded_attribution(array: np.ndarray, n: int, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """A client's ``.npy`` map as ``(N, C', H, W)`` float32. Accepted shapes: ``(N, C', H, W)``,
+    ``(N, H, W)``, and for one image ``(C', H, W)`` or ``(H, W)``, with ``C'`` 1 or ``C``."""
+    a = np.asarray(array)
+    if a.dtype.kind not in "fiub":
+        raise BadParams(f"the attribution map must be numeric, not {a.dtype}")
+    a = a.astype(np.float32)
+    if a.ndim == 2 and n == 1:
+        a = a[None, None]
+    elif a.ndim == 3:
+        a = a[None] if n == 1 else a[:, None]
+    if a.ndim != 4 or a.shape[0] != n or a.shape[1] not in (1, channels) or tuple(a.shape[2:]) != tuple(size):
+        raise BadParams(
+            f"attribution map of shape {list(np.shape(array))} does not fit {n} image(s) of "
+            f"{channels}x{size[0]}x{size[1]}: expected (N, C, H, W), (N, H, W), (C, H, W) or (H, W)",
+            details={"shape": list(np.shape(array)), "expected": [n, channels, *size]},
+        )
+    if not np.isfinite(a).all():
+        raise BadParams("the attribution map has NaN or infinite values")
+    return torch.from_numpy(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# one analysis per image
+
+
+@dataclass
+class UResult:
+    """The U Analysis of one image. ``predicted`` and ``target_probability`` ``(N+1,)`` are
+    indexed by the step ``i`` of ``x_i``; ``order`` ``(N,)`` is the removal order."""
+
+    index: int
+    target: int
+    grid: Grid
+    importance: np.ndarray
+    order: np.ndarray
+    predicted: np.ndarray
+    target_probability: np.ndarray
+    triples: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self, labels: list[str]) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "label": labels[self.target] if self.target < len(labels) else str(self.target),
+            "regions": self.grid.n,
+            "evaluations": self.grid.n + 1,
+            "region_importance": [float(v) for v in self.importance],
+            "order": [int(r) for r in self.order],
+            "predicted": [int(p) for p in self.predicted],
+            "target_probability": [round(float(p), 6) for p in self.target_probability],
+            "has_u": bool(self.triples),
+            "triples": [
+                {**t, "suppressor_boxes": [list(self.grid.box(r)) for r in t["suppressors"]]} for t in self.triples
+            ],
+        }
+
+
+def analyse(
+    model: LoadedModel,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    attributions: torch.Tensor,
+    params: UAnalysisParams,
+    aggregation: Aggregation,
+    progress: ProgressFn = no_progress,
+    first_index: int = 0,
+) -> list[UResult]:
+    """U Analysis of ``images`` ``(N, C, H, W)`` (model input space) for ``targets`` ``(N,)``
+    with ``attributions`` ``(N, C', H, W)`` (reduced to 2-D by ``aggregation``); image ``j`` is
+    seeded as number ``first_index + j``. Every image's sequence is evaluated in shared chunks."""
+    n, c, h, w = images.shape
+    grid = Grid(h, w, window_pixels((h, w), params.window_px, params.window_fraction))
+    space = PixelSpace.of(model.manifest.preprocessing, c)
+    specs, orders, importances = [], [], []
+    for j in range(n):
+        index = first_index + j
+        imp = region_importance(render.to_2d(attributions[j], aggregation), grid)
+        order = region_order(imp, params.order, rng_for(params.seed, index, STREAM_ORDER, grid.window))
+        z = noise_image(images[j], params.noise, params, grid, space, index)
+        steps = torch.arange(grid.n + 1)
+        specs.append(SequenceSpec(images[j], z, pixel_ranks(grid, order), steps, int(targets[j])))
+        orders.append(order)
+        importances.append(imp)
+    predicted, prob = evaluate_sequences(
+        model, specs, params.batch_size or model.batch_size, progress, "evaluating sequence"
+    )
+    results = []
+    for j in range(n):
+        rows = slice(j * (grid.n + 1), (j + 1) * (grid.n + 1))
+        target = int(targets[j])
+        triples = find_u_triples(
+            predicted[rows], target, orders[j], rng_for(params.seed, first_index + j, STREAM_MIDDLE)
+        )
+        results.append(
+            UResult(first_index + j, target, grid, importances[j], orders[j], predicted[rows], prob[rows], triples)
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures
+
+
+def _figure_png(draw: Callable[[Any], None], size: tuple[float, float]) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    draw(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def curve_png(result: UResult, title: str) -> bytes:
+    """Target probability along ``x_0 .. x_N``, correct steps green, wrong red, each U shaded
+    from left to right with its middles marked."""
+
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot(1, 1, 1)
+        steps = np.arange(len(result.predicted))
+        ok = result.predicted == result.target
+        ax.plot(steps, result.target_probability, color="0.4", lw=1, zorder=1)
+        ax.scatter(steps[ok], result.target_probability[ok], s=12, color="tab:green", label="f(x_i) = y", zorder=2)
+        ax.scatter(steps[~ok], result.target_probability[~ok], s=12, color="tab:red", label="f(x_i) != y", zorder=2)
+        for k, t in enumerate(result.triples):
+            ax.axvspan(t["left"], t["right"], color="tab:orange", alpha=0.15, label="U" if k == 0 else None)
+            m = t["middle"]
+            ax.annotate(
+                "U",
+                (m, result.target_probability[m]),
+                textcoords="offset points",
+                xytext=(0, 8),
+                ha="center",
+                color="tab:orange",
+                fontweight="bold",
+            )
+        ax.set_xlabel("regions replaced (i)")
+        ax.set_ylabel("probability of the target")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title, fontsize=9)
+        ax.legend(loc="best", fontsize=7)
+        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.14, top=0.9)
+
+    return _figure_png(draw, (6.4, 3.6))
+
+
+def _upscale(rgb: np.ndarray, min_side: int = 128) -> tuple[np.ndarray, int]:
+    k = max(1, -(-min_side // max(rgb.shape[:2])))
+    return np.repeat(np.repeat(rgb, k, 0), k, 1), k
+
+
+def strip_png(result: UResult, x: torch.Tensor, z: torch.Tensor, space: PixelSpace, labels: list[str]) -> bytes:
+    """Rows of ``x_left | x_middle | x_right`` (the paper's pick of middle), one per U (at most
+    ``MAX_STRIP_ROWS``), suppressor patches outlined in the middle image."""
+    from PIL import Image, ImageDraw
+
+    ranks = pixel_ranks(result.grid, result.order)
+    rows = []
+    for t in result.triples[:MAX_STRIP_ROWS]:
+        steps = torch.tensor([t["left"], t["middle"], t["right"]])
+        imgs = sequence_images(x, z, ranks, steps)
+        tiles = []
+        for col, (step, img) in enumerate(zip(steps.tolist(), imgs, strict=True)):
+            rgb, k = _upscale(space.to_uint8(img))
+            tile = Image.new("RGB", (rgb.shape[1] + 8, rgb.shape[0] + 22), "white")
+            tile.paste(Image.fromarray(rgb), (4, 18))
+            d = ImageDraw.Draw(tile)
+            p = int(result.predicted[step])
+            name = labels[p] if p < len(labels) else str(p)
+            d.text(
+                (4, 3),
+                f"x_{step}: {name[:18]} ({result.target_probability[step]:.2f})",
+                fill="green" if p == result.target else "red",
+            )
+            if col == 1:
+                for r in t["suppressors"]:
+                    top, left, bottom, right = result.grid.box(r)
+                    d.rectangle((4 + left * k, 18 + top * k, 4 + right * k - 1, 18 + bottom * k - 1), outline="orange")
+            tiles.append(tile)
+        row = Image.new("RGB", (sum(tl.width for tl in tiles), tiles[0].height), "white")
+        for i, tl in enumerate(tiles):
+            row.paste(tl, (i * tl.width, 0))
+        rows.append(row)
+    out = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
+    for i, r in enumerate(rows):
+        out.paste(r, (0, i * r.height))
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def regions_png(result: UResult, display: np.ndarray) -> bytes:
+    """Region importance over the image, region borders drawn, and each region's removal rank
+    written in it when there are at most 100 regions."""
+    from PIL import Image, ImageDraw
+
+    grid = result.grid
+    map2d = result.importance[grid.labels()].astype(np.float32)
+    img = Image.open(io.BytesIO(render.overlay_png(map2d, display)))
+    k = img.width / grid.width
+    d = ImageDraw.Draw(img)
+    for r in range(grid.n):
+        top, left, bottom, right = grid.box(r)
+        d.rectangle((left * k, top * k, right * k - 1, bottom * k - 1), outline=(255, 255, 255))
+    if grid.n <= 100:
+        rank = np.empty(grid.n, dtype=np.int64)
+        rank[result.order] = np.arange(grid.n)
+        for r in range(grid.n):
+            top, left, _, _ = grid.box(r)
+            d.text((left * k + 2, top * k + 1), str(rank[r] + 1), fill=(255, 255, 255))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# the job kind
+
+
+def run(
+    model: LoadedModel,
+    inputs: Inputs,
+    params: UAnalysisParams,
+    progress: ProgressFn,
+    attribution: np.ndarray | None = None,
+    context: Any = None,
+) -> KindResult:
+    """The ``u_analysis`` kind: U Analysis of each input image.
+
+    ``attribution``: a map uploaded by the client (see ``uploaded_attribution`` for its shapes),
+    else the ``.npy`` upload named ``attribution`` in ``context.files`` (``JobContext``); when
+    there is none, ``params.attribution`` computes one for each image's target. Artifacts per image
+    ``i``: ``{i}-curve.png``, ``{i}-regions.png``, ``{i}-regions.npy`` (``(rows, cols)``
+    importance), and ``{i}-strip.png`` when a U was found. The summary holds the curve,
+    the order and every U-triple.
+    """
+    n, c, h, w = inputs.images.shape
+    win = window_pixels((h, w), params.window_px, params.window_fraction)  # fail before the attribution
+    t0 = time.perf_counter()
+    if attribution is None and context is not None and "attribution" in getattr(context, "files", {}):
+        attribution = load_npy(context.files["attribution"])
+    if attribution is not None:
+        attr = uploaded_attribution(attribution, n, c, (h, w)).to(inputs.images.device)
+        source, aggregation = "uploaded", params.aggregation or "sum"
+    else:
+        attr = compute_attribution(model, inputs.images, inputs.targets, params.attribution, progress)
+        source, aggregation = params.attribution.method, params.aggregation or params.attribution.aggregation
+    t1 = time.perf_counter()
+    results = analyse(model, inputs.images, inputs.targets, attr, params, aggregation, progress)
+    t2 = time.perf_counter()
+    space = PixelSpace.of(model.manifest.preprocessing, c)
+    labels = model.manifest.labels
+    artifacts = []
+    for j, res in enumerate(results):
+        title = (
+            f"{labels[res.target] if res.target < len(labels) else res.target}: {res.grid.n} regions of "
+            f"{win} px, {params.order}, {params.noise} noise, {len(res.triples)} U"
+        )
+        artifacts.append(Artifact(f"{j}-curve.png", curve_png(res, title), "image/png"))
+        artifacts.append(Artifact(f"{j}-regions.png", regions_png(res, inputs.display[j]), "image/png"))
+        artifacts.append(
+            Artifact(
+                f"{j}-regions.npy",
+                render.npy_bytes(res.importance.reshape(res.grid.rows, res.grid.cols).astype(np.float32)),
+                "application/x-npy",
+            )
+        )
+        if res.triples:
+            z = noise_image(inputs.images[j], params.noise, params, res.grid, space, j)
+            artifacts.append(
+                Artifact(f"{j}-strip.png", strip_png(res, inputs.images[j], z, space, labels), "image/png")
+            )
+    t3 = time.perf_counter()
+    summary = {
+        "attribution": source,
+        "aggregation": aggregation,
+        "window_px": win,
+        "grid": {"rows": results[0].grid.rows, "cols": results[0].grid.cols, "regions": results[0].grid.n},
+        "order": params.order,
+        "noise": params.noise,
+        "seed": params.seed,
+        "images_with_u": sum(bool(r.triples) for r in results),
+        "runtime_s": {
+            "attribution": round(t1 - t0, 4),
+            "analysis": round(t2 - t1, 4),
+            "render": round(t3 - t2, 4),
+        },
+        "images": [r.summary(labels) for r in results],
+    }
+    return KindResult(summary, artifacts)
