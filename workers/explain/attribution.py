@@ -208,6 +208,11 @@ class _Run:
         self.grad_bs = params.batch_size or model.grad_batch_size
         self.fwd_bs = params.batch_size or model.batch_size
 
+    def leaf(self, x: torch.Tensor) -> torch.Tensor:
+        """A chunk of inputs as a leaf tensor, requiring grad for gradient methods (as Captum
+        expects; it warns otherwise)."""
+        return x.detach().clone().requires_grad_(self.params.method not in FORWARD_METHODS)
+
     def grad_forward(self, total: int) -> CountedForward:
         return CountedForward(self.model.module, self.progress, total, "attribution")
 
@@ -226,7 +231,7 @@ class _Run:
     ) -> torch.Tensor:
         out = []
         for s in _chunks(len(x), size):
-            out.append(fn(x[s], t[s]).detach())
+            out.append(fn(self.leaf(x[s]), t[s]).detach())
             self.progress(s.stop, len(x), "attribution")
         return torch.cat(out)
 
@@ -288,9 +293,9 @@ def _gradient_shap(r: _Run, x: torch.Tensor, t: torch.Tensor, p: GradientShapMet
     method = ca.GradientShap(r.grad_forward(len(x) * p.n_samples))
     out = []
     for i in range(len(x)):
-        xi, ti = x[i : i + 1], t[i : i + 1]
+        xi, ti = r.leaf(x[i : i + 1]), t[i : i + 1]
         dist = r.baselines(p.baselines, xi, p.blur_sigma)
-        total = torch.zeros_like(xi)
+        total = torch.zeros_like(xi, requires_grad=False)
         for s in _chunks(p.n_samples, r.grad_bs):
             k = s.stop - s.start
             total += k * method.attribute(xi, baselines=dist, n_samples=k, stdevs=p.stdevs, target=ti).detach()
@@ -493,12 +498,13 @@ def quality_scores(
         sm = params.sensitivity_max
         calls = [0]
 
-        def explain(inputs: Any, target: torch.Tensor) -> torch.Tensor:
+        def explain(inputs: Any, target: torch.Tensor) -> Any:
             xi = inputs[0] if isinstance(inputs, tuple) else inputs
             calls[0] += 1
             progress(min(calls[0], 1 + len(x) * sm.n_perturb_samples), 1 + len(x) * sm.n_perturb_samples,
                      "sensitivity_max")  # fmt: skip
-            return attribute(model, xi, target, inner)
+            out = attribute(model, xi, target, inner)
+            return (out,) if isinstance(inputs, tuple) else out  # Captum expects the inputs' format
 
         with seeded(params.seed, model.device):
             values = cm.sensitivity_max(
