@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 from importlib import metadata
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,18 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from schemas import keys
+from schemas.kinds import KINDS
 from schemas.settings import Settings
+from service.auth import KeyRing, hash_key
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 GPU_OVERRIDE = ROOT / "docker-compose.gpu.yml"
 K8S = ROOT / "deploy" / "k8s"
 TORCH_STACK = {"torch", "torchvision", "captum", "onnxruntime"}
+# Compose refuses to start without API keys; the tests supply one (a real hashed entry).
+TEST_KEY = "compose-test-key"
+TEST_KEYS_ENTRY = f"compose-test:{hash_key(TEST_KEY)}"
 
 
 def _load_requirements_script() -> Any:
@@ -86,9 +92,13 @@ def load_yaml_documents(text: str) -> list[Any]:
     return [d for d in json.loads(out.stdout) if d is not None]
 
 
-def compose(*files: Path, args: tuple[str, ...] = ("config",)) -> subprocess.CompletedProcess[str]:
+def compose(
+    *files: Path, args: tuple[str, ...] = ("config",), api_keys: str | None = TEST_KEYS_ENTRY
+) -> subprocess.CompletedProcess[str]:
     # A clean environment: the defaults written in the file are what is checked, not this shell's.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    if api_keys is not None:
+        env["API_KEYS"] = api_keys
     cmd = [DOCKER_COMPOSE or "docker-compose", "--project-directory", str(ROOT)]
     for f in files:
         cmd += ["-f", str(f)]
@@ -140,6 +150,12 @@ def route_paths(app: Any) -> set[str]:
     return set(app.openapi()["paths"]) | {r.path for r in app.routes if isinstance(getattr(r, "path", None), str)}
 
 
+def longest_job_s(settings: Settings, queues: list[str]) -> int:
+    """The longest a job on these queues may run: the job timeout or a kind's own budget."""
+    budgets = [spec.timeout_s for spec in KINDS.values() if spec.queue in queues and spec.timeout_s]
+    return max([settings.job_timeout_s, *budgets])
+
+
 def cli_accepts(command: list[str]) -> None:
     """``python -m MODULE ARGS``: the module exists and its argparse CLI accepts ARGS."""
     assert command[:2] == ["python", "-m"], command
@@ -185,6 +201,16 @@ def test_inspector_variables_are_settings_fields(config: str, request: pytest.Fi
 
 
 @needs_compose
+def test_api_keys_are_required_and_reach_the_api(base: dict[str, Any]) -> None:
+    refused = compose(COMPOSE, api_keys=None)
+    assert refused.returncode != 0 and "API_KEYS" in refused.stderr, "compose must not start an open API"
+    ring = KeyRing(settings_of(base["services"]["api"]["environment"]))
+    tenant = ring.lookup(TEST_KEY)
+    assert ring.enabled and tenant is not None and tenant.name == "compose-test"
+    assert ring.lookup("some-other-key") is None
+
+
+@needs_compose
 def test_api_healthcheck_is_a_route_that_answers(base: dict[str, Any]) -> None:
     from fastapi.testclient import TestClient
 
@@ -205,8 +231,9 @@ def test_api_healthcheck_is_a_route_that_answers(base: dict[str, Any]) -> None:
 def test_workers_scale_and_shut_down_gracefully(base: dict[str, Any]) -> None:
     worker = base["services"]["worker"]
     assert "container_name" not in worker and not _ports(worker), "--scale worker=N needs both absent"
-    timeout = settings_of(worker["environment"]).job_timeout_s
-    assert seconds(worker["stop_grace_period"]) >= timeout, "SIGKILL would cut a running job short"
+    command = worker["command"]
+    longest = longest_job_s(settings_of(worker["environment"]), command[command.index("--queues") + 1 :])
+    assert seconds(worker["stop_grace_period"]) >= longest, "SIGKILL would cut a running job short"
     assert "deploy" not in worker, "the base file must run on CPU-only hosts"
     for name in ("api", "worker"):
         deps = base["services"][name]["depends_on"]
@@ -300,31 +327,36 @@ def test_k8s_workers_and_keda_scalers_match_the_queues(k8s: list[dict[str, Any]]
     from rq import Queue
 
     config = {d["metadata"]["name"]: d for d in k8s if d["kind"] == "ConfigMap"}["inspector-config"]["data"]
-    job_timeout = settings_of(config).job_timeout_s
+    settings = settings_of(config)
     deployments = {d["metadata"]["name"]: d for d in k8s if d["kind"] == "Deployment"}
     scaled = [d for d in k8s if d["kind"] == "ScaledObject"]
     assert {so["spec"]["scaleTargetRef"]["name"] for so in scaled} == {f"worker-{q}" for q in keys.QUEUES}
+    auths = {d["metadata"]["name"] for d in k8s if d["kind"] == "TriggerAuthentication"}
+    from workers.registry import EFFICIENTNET_LITE  # the built-in models (digits-cnn trains on first use)
+
+    predict_lists = {keys.predict_queue_key(m) for m in [*EFFICIENTNET_LITE, "digits-cnn"]}
     for so in scaled:
-        (trigger,) = so["spec"]["triggers"]
-        assert trigger["type"] == "redis"
         target = deployments[so["spec"]["scaleTargetRef"]["name"]]["spec"]["template"]["spec"]
         (container,) = target["containers"]
         command = container["command"]
         cli_accepts(command)
-        served = command[command.index("--queues") + 1 :]
-        served = served[: served.index("--preload")] if "--preload" in served else served
-        assert [Queue.redis_queue_namespace_prefix + q for q in served] == [trigger["metadata"]["listName"]]
+        served = list(takewhile(lambda a: not a.startswith("--"), command[command.index("--queues") + 1 :]))
+        expected = {Queue.redis_queue_namespace_prefix + q for q in served}
+        if "high" in served and "--no-predict" not in command:  # high workers also drain predicts
+            expected |= predict_lists
+        triggers = so["spec"]["triggers"]
+        assert {t["metadata"]["listName"] for t in triggers} == expected, so["metadata"]["name"]
+        for t in triggers:
+            assert t["type"] == "redis" and t["authenticationRef"]["name"] in auths
         assert so["spec"]["minReplicaCount"] >= 1, "/readyz needs a worker on every queue"
-        assert target["terminationGracePeriodSeconds"] >= job_timeout
-        assert trigger["authenticationRef"]["name"] in {
-            d["metadata"]["name"] for d in k8s if d["kind"] == "TriggerAuthentication"
-        }
+        assert target["terminationGracePeriodSeconds"] >= longest_job_s(settings, served)
 
 
 def test_k8s_env_probes_and_redis(k8s: list[dict[str, Any]]) -> None:
     from service.main import app
 
     routes = route_paths(app)
+    secrets = {d["metadata"]["name"] for d in k8s if d["kind"] == "Secret"}
     config = {d["metadata"]["name"]: d for d in k8s if d["kind"] == "ConfigMap"}["inspector-config"]["data"]
     for d in k8s:
         if d["kind"] not in ("Deployment", "Job"):
@@ -334,6 +366,9 @@ def test_k8s_env_probes_and_redis(k8s: list[dict[str, Any]]) -> None:
             settings_of(env)
             if "INSPECTOR_REDIS_URL" in env:
                 assert env["INSPECTOR_REDIS_URL"] == "redis://:$(REDIS_PASSWORD)@redis:6379/0"
+            if d["metadata"]["name"] == "inspector-api":  # auth on: keys from a Secret
+                (keys_env,) = [e for e in c["env"] if e["name"] == "INSPECTOR_API_KEYS"]
+                assert keys_env["valueFrom"]["secretKeyRef"]["name"] in secrets
             for probe in ("readinessProbe", "livenessProbe"):
                 if "httpGet" in c.get(probe, {}):
                     assert c[probe]["httpGet"]["path"] in routes, (d["metadata"]["name"], probe)
