@@ -300,12 +300,17 @@ def test_worker_image_pins_match_pyproject_and_cover_what_workers_import() -> No
     )
 
 
-def test_worker_image_allocator_settings_match_the_makefile() -> None:
+def test_worker_image_allocator_settings_match_the_makefile_and_engine() -> None:
+    import workers.engine
+
     makefile = (ROOT / "Makefile").read_text()
     make = dict(re.findall(r"^export (MALLOC_\w+) \?= (\S+)", makefile, flags=re.M))
     assert make, "the Makefile sets the allocator variables for `make run`"
     image = dict(re.findall(r"\b(MALLOC_\w+)=(\S+)", (ROOT / "docker" / "Dockerfile.worker").read_text()))
     assert image == make
+    engine = getattr(workers.engine, "ALLOCATOR_ENV", None)  # what `inspector worker` sets
+    if engine is not None:
+        assert image == {k: v for k, v in engine.items() if k.startswith("MALLOC_")}
 
 
 def test_dockerignore_keeps_what_the_images_copy() -> None:
