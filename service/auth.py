@@ -141,13 +141,17 @@ async def authenticate(
     ring: KeyRing = request.app.state.keyring
     if not ring.enabled:
         return Tenant(ANONYMOUS)
-    key = bearer.credentials if bearer is not None else header_key
-    if not key:
+    presented = [k for k in (bearer.credentials if bearer else None, header_key) if k]
+    if not presented:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-    tenant = ring.lookup(key)
-    if tenant is None:
+    # Every credential presented must be valid and name the same tenant: a bad one is never
+    # skipped in favour of another (an Authorization header that is not Bearer is bad too).
+    if bearer is None and "authorization" in request.headers:
+        raise Unauthorized("the Authorization header must be 'Bearer <key>'")
+    tenants = {ring.lookup(k) for k in presented}
+    if None in tenants or len(tenants) != 1:
         raise Unauthorized("invalid API key")
-    return tenant
+    return tenants.pop()  # type: ignore[return-value]
 
 
 TenantDep = Annotated[Tenant, Depends(authenticate)]

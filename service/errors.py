@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from schemas.errors import ErrorBody, ErrorResponse, InspectorError, QueueUnavailable
 
@@ -53,9 +54,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(QueueUnavailable("the job queue (Redis) is unavailable; retry later"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
-        return _plain(exc.status_code, type_, str(exc.detail))
+        response = _plain(exc.status_code, type_, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Allow lists every route of the path (RFC 9110), not the first only
+            routes = [r for r in request.app.router.routes if r.matches(request.scope)[0] == Match.PARTIAL]
+            response.headers["Allow"] = ", ".join(sorted({m for r in routes for m in getattr(r, "methods", ())}))
+        return response
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:

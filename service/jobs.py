@@ -141,7 +141,7 @@ def fetch(conn: Redis, job_id: str, tenant: str | None = None) -> Job:
     tenant's job is reported exactly like a missing one."""
     try:
         job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
-    except NoSuchJobError:
+    except (NoSuchJobError, ValueError):  # ValueError: not even a valid RQ job id
         job = None
     if job is None or (tenant is not None and tenant_of(job) != tenant):
         raise UnknownJob(f"no job {job_id!r}")

@@ -10,6 +10,7 @@ from service.auth import authenticate, install_auth
 from service.deps import redis_for
 from service.errors import install_error_handlers
 from service.metrics import Metrics
+from service.openapi import ERRORS
 from service.routes import health, jobs, methods, models
 from service.uploads import BodySizeLimit, body_limit
 
@@ -27,12 +28,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = ModelRegistry(settings.models_dir)
     app.state.metrics = Metrics(lambda: redis_for(settings.redis_url, settings.redis_timeout_s))
     app.middleware("http")(app.state.metrics.middleware)
+    # Not FastAPI(max_body_size=...): its 413 is plain text, ours is the usual JSON error.
     app.add_middleware(BodySizeLimit, limit=body_limit(settings))
     install_error_handlers(app)
     install_auth(app, settings)
     app.include_router(health.router)  # probes and metrics stay open
     for r in (models.router, methods.router, jobs.router):
-        app.include_router(r, dependencies=[Depends(authenticate)])
+        app.include_router(r, dependencies=[Depends(authenticate)], responses={401: ERRORS[401]})
     return app
 
 

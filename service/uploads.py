@@ -19,13 +19,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.errors import BadImage, BadParams, InspectorError, PayloadTooLarge, UnsupportedMedia
 from schemas.jobs import Base64Images
 from schemas.settings import Settings
+from service.errors import error_response
 from service.images import DecodedImage, decode_image
 
 IMAGE_FIELDS = ("image", "images")
@@ -49,17 +50,25 @@ def body_limit(settings: Settings) -> int:
 
 
 class BodySizeLimit:
-    """ASGI middleware: a body that grows past ``limit`` bytes is cut off with 413, counted as
-    it arrives (so a chunked upload without Content-Length cannot fill the disk)."""
+    """ASGI middleware: a body over ``limit`` bytes is refused with 413 ``payload_too_large``:
+    at once when its Content-Length says so, else as soon as the bytes received pass it (a
+    chunked upload cannot fill the disk)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
+
+    def _error(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body is over the limit of {self.limit} bytes", details={"limit": self.limit})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        received = 0
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            await error_response(self._error())(scope, receive, send)
+            return
+        received, started = 0, False
 
         async def limited() -> Message:
             nonlocal received
@@ -67,10 +76,21 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise PayloadTooLarge(f"request body is over the limit of {self.limit} bytes")
+                    raise self._error()  # a route answers it; one that escapes is answered below
             return message
 
-        await self.app(scope, limited, send)
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, watched)
+        except Exception as e:
+            over = e.subgroup(PayloadTooLarge) if isinstance(e, ExceptionGroup) else e
+            if started or not isinstance(over, PayloadTooLarge | ExceptionGroup):
+                raise
+            await error_response(self._error())(scope, receive, send)
 
 
 def check_callback_url(url: str, settings: Settings) -> None:
@@ -159,7 +179,7 @@ async def read_submission(
                 max_files=settings.max_images_per_request + 1, max_part_size=settings.max_upload_bytes + 1
             )
         except InspectorError:
-            raise  # e.g. BodySizeLimit's 413
+            raise  # BodySizeLimit's 413
         except Exception as e:  # starlette raises its own MultiPartException, HTTPException...
             raise BadParams(f"cannot parse the multipart body: {getattr(e, 'detail', e)}") from None
         raw: list[bytes] = []
@@ -190,7 +210,9 @@ async def read_submission(
         try:
             data = Base64Images.model_validate_json(body)
         except ValidationError as e:
-            raise BadParams("invalid JSON body", details=json.loads(e.json(include_url=False))) from None
+            # Without the inputs: they may be huge, or bytes that are not UTF-8.
+            details = json.loads(e.json(include_url=False, include_input=False))
+            raise BadParams("invalid JSON body", details=details) from None
         encoded = ([data.image_base64] if data.image_base64 else []) + (data.images_base64 or [])
         try:
             raw = [base64.b64decode(s, validate=True) for s in encoded]
