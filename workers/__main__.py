@@ -3,8 +3,8 @@
     python -m workers worker [--queues high default low] [--burst] [--preload ID ...] [--no-predict]
     python -m workers prepare
 
-Start workers with ``ALLOCATOR_ENV`` (``workers.engine``) in the environment: glibc's
-default allocator costs 25-30% on batched passes; ``inspector worker`` sets it.
+A worker re-executes itself once with ``ALLOCATOR_ENV`` (``workers.allocator``) in its
+environment: glibc's default allocator costs 25-30% on batched passes.
 
 A worker on the ``high`` queue also serves predicts (batched: ``workers.batching``) unless
 ``--no-predict``. It runs RQ's scheduler (one per Redis, by lock), which moves retries
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from redis import Redis
 
 from schemas import keys
 from schemas.settings import get_settings
+from workers.allocator import exec_with_allocator_env
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--no-predict", action="store_true", help="do not serve predicts (high queue workers do)")
     sub.add_parser("prepare", help="write the built-in models into the models directory")
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        exec_with_allocator_env(sys.argv[1:] if argv is None else argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()

@@ -47,21 +47,12 @@ import torch
 from torch import nn
 
 from schemas.manifests import ModelEntry
+from workers.allocator import ALLOCATOR_ENV  # noqa: F401  (re-exported for launchers)
 from workers.explain.base import ForwardFn
 
 log = logging.getLogger(__name__)
 
-ALLOCATOR_ENV: dict[str, str] = {
-    # glibc serves blocks above the mmap threshold (dynamic, at most 32 MiB) with fresh mmap
-    # pages and unmaps them on free, so every batched pass page-faults its activations in
-    # again (200k faults per efficientnet-lite0 forward at batch 16). Keeping them on the
-    # heap, never trimmed, removes 95% of those faults; measured figures in
-    # docs/performance.md. glibc reads these at process start only: launchers set them.
-    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-    "MALLOC_TOP_PAD_": str(256 << 20),
-}
-"""Environment for worker processes (glibc malloc tunables); set before the process starts."""
+
 
 TOLERANCE = 1e-4
 """Largest |ONNX - eager| logit difference accepted on CPU, times ``max(1, max |logit|)``."""
