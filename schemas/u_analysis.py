@@ -117,7 +117,11 @@ class UAnalysisParams(NoiseParams, JobParams):
     window_fraction: float = Field(
         0.10, gt=0, le=1, description="window side as a fraction of the image's shorter side (paper: 10%...33%)"
     )
-    order: Order = "decreasing"
+    order: Order = Field(
+        "increasing",
+        description="removal order; default: least important first, as the paper's Fig. 1 describes the "
+        "pipeline ('from the less important to the most one') and the authors' tool runs it",
+    )
     noise: NoiseType = "zeros"
 
     @model_validator(mode="after")

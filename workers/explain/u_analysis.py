@@ -32,6 +32,7 @@ attribution is that of ``sum(N_i + 1)`` forward evaluations.
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -87,16 +88,22 @@ class Grid:
         return self.rows * self.cols
 
     def labels(self) -> np.ndarray:
-        """``(H, W)`` int64: the region index of each pixel."""
-        r = np.arange(self.height) // self.window
-        c = np.arange(self.width) // self.window
-        return r[:, None] * self.cols + c[None, :]
+        """``(H, W)`` int64: the region index of each pixel (cached: do not modify)."""
+        return _labels(self.height, self.width, self.window)
 
     def box(self, region: int) -> tuple[int, int, int, int]:
         """``(top, left, bottom, right)`` of a region in pixels, bottom/right exclusive."""
         r, c = divmod(int(region), self.cols)
         top, left = r * self.window, c * self.window
         return top, left, min(top + self.window, self.height), min(left + self.window, self.width)
+
+
+@functools.lru_cache(maxsize=64)
+def _labels(height: int, width: int, window: int) -> np.ndarray:
+    cols = -(-width // window)
+    out = (np.arange(height) // window)[:, None] * cols + (np.arange(width) // window)[None, :]
+    out.setflags(write=False)
+    return out
 
 
 def window_pixels(size: tuple[int, int], window_px: int | None, window_fraction: float | None) -> int:
