@@ -1,0 +1,279 @@
+"""Load test on loopback: batched predicts under concurrency, and job throughput per worker.
+
+Starts its own redis-server (free port), the API (uvicorn, one process) and workers
+(``python -m workers worker``), all on 127.0.0.1, then:
+
+1. **Batched forward limit** of the model, in this process: images/s of the model's
+   forward engine on batches of ``predict_max_batch`` preprocessed images (what a worker's
+   batcher runs), with and without the preprocessing (decode + resize) the worker also does.
+2. **Predicts** with one worker: an asyncio httpx client with C concurrent connections
+   (C = 1, 8, 32), each posting one image and waiting for its answer, for ``--duration``
+   seconds per level: requests/s, p50/p99 latency, errors, mean batch size seen.
+3. **Jobs**: ``--jobs`` saliency jobs (distinct inputs) submitted at once, with 1 and then
+   2 workers: jobs/s from the first submit to the last terminal state, and every accepted
+   job checked through the API to have reached a terminal state (nothing lost).
+
+Bounded: about ``3 * duration + 60`` seconds plus the job phases (each capped at
+``--job-timeout``). Prints a table and writes JSON with ``--json``.
+
+    python benchmarks/load.py [--model efficientnet-lite0] [--duration 10] [--jobs 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{what} not ready after {timeout:.0f} s")
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.array(xs), q)) if xs else float("nan")
+
+
+def model_image(model_id: str, models_dir: Path) -> bytes:
+    """A real photo (scikit-image's cat) at the model's input size, as PNG."""
+    from PIL import Image
+    from skimage import data
+
+    from schemas.manifests import ModelRegistry
+
+    h, w = ModelRegistry(models_dir).get(model_id).manifest.preprocessing.size
+    buf = io.BytesIO()
+    Image.fromarray(data.chelsea()).resize((w, h)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def forward_limit(model_id: str, image: bytes, batch: int, seconds: float, env: dict[str, str]) -> dict[str, float]:
+    """Images/s of the worker's batched path, in this process (same engine and cache)."""
+    import torch
+
+    from schemas.settings import Settings
+    from workers.pipeline import decode, forward_in_chunks
+    from workers.registry import ModelCache, preprocess
+
+    s = Settings(**{k[len("INSPECTOR_"):].lower(): v for k, v in env.items() if k.startswith("INSPECTOR_")})
+    if s.intra_op_threads:
+        torch.set_num_threads(s.intra_op_threads)
+    model = ModelCache(s.models_dir, s.cache_dir, s.device, onnx=s.onnx_engine).get(model_id)
+    x, _ = preprocess([decode(image)] * batch, model.manifest.preprocessing)
+    forward_in_chunks(model, x)  # warm-up
+    out = {"engine": model.engine_name, "chunk": model.batch_size}
+    for name, with_pre in (("forward", False), ("preprocess+forward", True)):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            if with_pre:
+                x, _ = preprocess([decode(image) for _ in range(batch)], model.manifest.preprocessing)
+            forward_in_chunks(model, x).softmax(1)
+            n += batch
+        out[name] = n / (time.perf_counter() - t0)
+    return out
+
+
+async def predict_load(base: str, model_id: str, image: bytes, clients: int, seconds: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    batches: list[int] = []
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
+        stop = time.perf_counter() + seconds
+
+        async def one_client() -> None:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    files = {"image": ("x.png", image, "image/png")}
+                    r = await http.post(f"/v1/models/{model_id}/predict", files=files)
+                except httpx.HTTPError as e:
+                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                    continue
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                    batches.append(r.json()["batch_size"])
+                else:
+                    errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[one_client() for _ in range(clients)])
+        took = time.perf_counter() - t0
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "req_per_s": len(latencies) / took,
+        "p50_ms": pct(latencies, 50) * 1000,
+        "p99_ms": pct(latencies, 99) * 1000,
+        "mean_batch": statistics.fmean(batches) if batches else 0.0,
+        "errors": errors,
+    }
+
+
+def job_phase(base: str, redis_url: str, n: int, offset: int, timeout: float) -> dict[str, Any]:
+    """Submit n distinct digits-cnn saliency jobs at once; time them to a terminal state."""
+    from redis import Redis
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from tests.helpers import digit_png
+
+    conn = Redis.from_url(redis_url)
+    accepted: list[str] = []
+    refused = 0
+    t0 = time.perf_counter()
+    with httpx.Client(base_url=base, timeout=60) as http:
+        for i in range(n):
+            image, _ = digit_png(offset + i)
+            r = http.post("/v1/jobs/saliency", files={"image": ("x.png", image, "image/png")},
+                          data={"model_id": "digits-cnn", "params": json.dumps({"aggregation": "sum"})})  # fmt: skip
+            if r.status_code in (200, 202):
+                accepted.append(r.json()["id"])
+            else:
+                refused += 1
+        terminal = {"finished", "failed", "canceled", "stopped"}
+        pending = set(accepted)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            jobs = Job.fetch_many(sorted(pending), connection=conn, serializer=JSONSerializer)
+            pending -= {j.id for j in jobs if j is not None and j.get_status(refresh=False) in terminal}
+            time.sleep(0.05)
+        took = time.perf_counter() - t0
+        final = [http.get(f"/v1/jobs/{i}").json()["status"] for i in accepted]  # through the API
+    counts = {s: final.count(s) for s in sorted(set(final))}
+    return {
+        "jobs": n,
+        "accepted": len(accepted),
+        "refused": refused,
+        "seconds": took,
+        "jobs_per_s": len(accepted) / took,
+        "statuses": counts,
+        "lost": sum(1 for s in final if s not in terminal),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="efficientnet-lite0")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency level")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--jobs", type=int, default=40)
+    ap.add_argument("--job-timeout", type=float, default=120.0)
+    ap.add_argument("--models-dir", default=str(ROOT / "var" / "models"))
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+
+    from workers.allocator import ALLOCATOR_ENV
+
+    redis_port, api_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        **ALLOCATOR_ENV,
+        "INSPECTOR_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "INSPECTOR_DEVICE": "cpu",
+        "INSPECTOR_MODELS_DIR": args.models_dir,
+        "INSPECTOR_CACHE_DIR": os.environ.get("INSPECTOR_CACHE_DIR", str(ROOT / "var" / "cache")),
+    }
+    base = f"http://127.0.0.1:{api_port}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [
+        subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], **quiet),
+        subprocess.Popen([sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
+                          "--port", str(api_port), "--log-level", "warning"], env=env, cwd=ROOT),
+    ]  # fmt: skip
+
+    def start_worker() -> None:
+        procs.append(subprocess.Popen([sys.executable, "-m", "workers", "worker", "--preload", args.model,
+                                       "digits-cnn"], env=env, cwd=ROOT, **quiet))  # fmt: skip
+
+    results: dict[str, Any] = {"model": args.model, "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}
+    try:
+        start_worker()
+        wait_until(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, 300, "API + worker")
+        image = model_image(args.model, Path(args.models_dir))
+        from schemas.settings import Settings
+
+        max_batch = Settings().predict_max_batch
+        print(f"batched forward limit of {args.model} (batch {max_batch}), in-process ...", flush=True)
+        results["limit"] = forward_limit(args.model, image, max_batch, min(args.duration, 8.0), env)
+        print(json.dumps(results["limit"]), flush=True)
+        asyncio.run(predict_load(base, args.model, image, 4, 3.0))  # warm-up
+        results["predict"] = []
+        for c in args.clients:
+            row = asyncio.run(predict_load(base, args.model, image, c, args.duration))
+            results["predict"].append(row)
+            print(json.dumps(row), flush=True)
+        results["jobs"] = {}
+        for n_workers, offset in ((1, 0), (2, 100)):
+            if n_workers == 2:
+                from redis import Redis
+                from rq import Worker
+
+                start_worker()
+                redis = Redis.from_url(env["INSPECTOR_REDIS_URL"])
+                wait_until(lambda r=redis: Worker.count(connection=r) >= 2, 300, "second worker")
+            row = job_phase(base, env["INSPECTOR_REDIS_URL"], args.jobs, offset, args.job_timeout)
+            results["jobs"][n_workers] = row
+            print(json.dumps({"workers": n_workers, **row}), flush=True)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    results["load_avg_at_end"] = os.getloadavg()
+    report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def report(r: dict[str, Any]) -> None:
+    lim = r["limit"]
+    print(f"\nmodel {r['model']}, {r['cpus']} CPUs, load average {r['load_avg_at_start'][0]:.1f} at start "
+          f"(shared machine), engine {lim['engine']} (chunk {lim['chunk']})")  # fmt: skip
+    print(f"batched forward limit: {lim['forward']:.1f} img/s forward only, "
+          f"{lim['preprocess+forward']:.1f} img/s with decode+preprocess")  # fmt: skip
+    print(f"{'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'limit/req/s':>11}  errors")
+    for row in r["predict"]:
+        ratio = lim["forward"] / row["req_per_s"] if row["req_per_s"] else float("inf")
+        print(f"{row['clients']:>7} {row['req_per_s']:>8.1f} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} "
+              f"{row['mean_batch']:>6.1f} {ratio:>11.2f}  {row['errors'] or '-'}")  # fmt: skip
+    for n, row in r["jobs"].items():
+        print(f"jobs, {n} worker(s): {row['accepted']}/{row['jobs']} accepted, {row['jobs_per_s']:.1f} jobs/s, "
+              f"statuses {row['statuses']}, lost {row['lost']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
