@@ -45,6 +45,13 @@ def predict_queue_key(model_id: str) -> str:
     return f"{PREFIX}:predict:{model_id}"
 
 
+def reap_lock_key(queue: str) -> str:
+    """Held while one process reaps a queue's abandoned jobs: RQ's cleanup is not atomic, and
+    two at once would both rerun a job. It is RQ's own maintenance lock of the queue
+    (``Queue.registry_cleaning_key``), so RQ's periodic cleanup takes turns with ours."""
+    return f"rq:clean_registries:{queue}"
+
+
 def callbacks_key(job_id: str) -> str:
     """Set of callback URLs to notify when the job ends."""
     return f"{PREFIX}:callbacks:{job_id}"

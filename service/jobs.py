@@ -30,7 +30,6 @@ from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
-from rq.timeouts import TimerDeathPenalty
 
 from schemas import keys
 from schemas.errors import BadParams, ErrorBody, IdempotencyKeyReused, InspectorError, NoWorker, UnknownJob
@@ -296,14 +295,38 @@ def _error(job: Job, status: JobStatus) -> ErrorBody | None:
     return ErrorBody(type="job_failed", message=exc.strip().splitlines()[-1] if exc else "the job failed")
 
 
+class _ReapedJob(Job):
+    """A job as the API's reaper sees it: without its failure callback, which is worker code
+    (``workers.webhooks``, not in the API image); a worker is asked to notify instead."""
+
+    @property
+    def failure_callback(self) -> None:  # type: ignore[override]
+        return None
+
+
+def reap_abandoned(conn: Redis, queue_name: str) -> None:
+    """Let RQ fail (or rerun, with ``job_retries``) the started jobs of ``queue_name`` whose
+    worker stopped heartbeating (see workers.worker), and have their end notified."""
+    registry = StartedJobRegistry(queue_name, connection=conn, serializer=JSONSerializer, job_class=_ReapedJob)
+    expired = registry.get_expired_job_ids()
+    if not expired:
+        return
+    lock = conn.lock(keys.reap_lock_key(queue_name), timeout=30)
+    if not lock.acquire(blocking=False):
+        return  # a worker is reaping it right now
+    try:
+        registry.cleanup()
+    finally:
+        lock.release()
+    for job_id in expired:
+        if conn.hget(Job.key_for(job_id), "status") == RQStatus.FAILED.value.encode():
+            queue("high", conn).enqueue(keys.JOB_ENDED_FUNC, {"job_id": job_id}, result_ttl=60)
+
+
 def status_of(job: Job, conn: Redis) -> JobStatus:
     rq_status = job.get_status(refresh=True)
     if rq_status == RQStatus.STARTED:
-        # Lets RQ fail (or retry) the job now if its worker stopped heartbeating (see
-        # workers.worker). Its failure callback may run here, in a thread: no SIGALRM.
-        StartedJobRegistry(
-            job.origin, connection=conn, serializer=JSONSerializer, death_penalty_class=TimerDeathPenalty
-        ).cleanup()
+        reap_abandoned(conn, job.origin)
         rq_status = job.get_status(refresh=True)
     status = _STATUS.get(rq_status, JobStatus.queued) if rq_status else JobStatus.failed
     if status is JobStatus.failed and job.meta.get("error", {}).get("type") == "canceled":

@@ -2,18 +2,20 @@
 
 Every job is enqueued with RQ callbacks pointing here by dotted path (``on_success``,
 ``on_failure``). They run in the worker that ran the job or, for a job whose worker died,
-in whichever process runs RQ's ``StartedJobRegistry.cleanup`` (a live worker's heartbeat
-thread, or the API when it reads the job). So this module imports no torch and nothing
-heavy, and works from any thread (no SIGALRM: cleanups pass ``TimerDeathPenalty``).
+in the worker whose heartbeat thread reaps it (RQ's ``StartedJobRegistry.cleanup``, with
+``TimerDeathPenalty``: no SIGALRM outside the main thread). The API, which has no worker
+code, reaps without callbacks and enqueues ``job_ended_task`` for a worker to notify.
 
 Retries (``job_retries`` with ``job_retry_backoff_s``, RQ's ``Retry``): a job whose worker
 died (``worker_lost``) or that crashed (``internal`` and other 5xx) runs again after the
 backoff; a client error (an ``InspectorError`` with status < 500, e.g. ``bad_params``), a
-cancel or a timeout ends it at once (a rerun would fail the same way).
+cancel or a timeout ends it at once (a rerun would fail the same way). The worker counts
+attempts in the job's meta (``attempt``, ``last_error``: ``workers.worker``).
 
 Webhooks: when a job ends for good, ``job_ended`` stores its event (``keys.ended_key``) and
-takes its callback URLs (``keys.callbacks_key``) in one Redis transaction; the API adds
-URLs in a transaction too, so each URL is notified exactly once however the two race. One
+takes its callback URLs (``keys.callbacks_key``) in one Redis transaction, once (SET NX:
+two reapers of one job notify once); the API adds URLs in a transaction too, so each URL
+is notified exactly once however the two race. One
 delivery job per URL runs on the ``high`` queue: ``deliver`` POSTs the event and raises
 on anything but 2xx, so RQ retries it with backoff (``webhook_retries``,
 ``webhook_backoff_s``; the scheduler of a worker started ``with_scheduler`` moves them).
@@ -43,6 +45,7 @@ from redis import Redis
 from rq import Queue, Retry, get_current_job
 from rq.exceptions import AbandonedJobError, NoSuchJobError
 from rq.job import Job
+from rq.job import JobStatus as RQStatus
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
@@ -88,13 +91,7 @@ def on_failure(
     error = _error_of(job, exc_type)
     client_error = isinstance(exc_value, InspectorError) and exc_value.status < 500
     if not client_error and error["type"] not in NOT_RETRIED and (job.retries_left or 0) > 0:
-        attempt = int(job.meta.get("attempt", 1))
-        log.warning("job %s failed (%s); attempt %d of it will follow", job.id, error["type"], attempt + 1)
-        job.meta.pop("error", None)
-        job.meta["attempt"] = attempt + 1
-        job.meta["last_error"] = error
-        job.meta["progress"] = {"done": 0, "total": 0, "stage": f"retrying after {error['type']}"}
-        job.save_meta()
+        log.warning("job %s failed (%s); RQ will run it again", job.id, error["type"])
         return
     job.retries_left = 0  # RQ reads this right after the callback: no rerun
     status = JobStatus.canceled if error["type"] == "canceled" else JobStatus.failed
@@ -119,16 +116,19 @@ def job_ended(conn: Redis, job: Job, status: JobStatus, error: dict[str, Any] | 
     settings = get_settings()
     event = event_for(job, status, error, settings).model_dump_json()
     with conn.pipeline(transaction=True) as pipe:
-        pipe.set(keys.ended_key(job.id), event, ex=2 * settings.result_ttl_s)
+        pipe.set(keys.ended_key(job.id), event, ex=2 * settings.result_ttl_s, nx=True)
         pipe.smembers(keys.callbacks_key(job.id))
-        _, urls = pipe.execute()
+        first, urls = pipe.execute()
+    if not first:
+        return  # already ended and notified (e.g. reaped twice)
     for url in sorted(u.decode() for u in urls):
         enqueue_delivery(conn, settings, job.id, url)
 
 
 def job_ended_task(payload: dict[str, Any]) -> dict[str, Any]:
     """RQ entry for what the API cannot do alone: notify ``urls`` of an already ended job
-    (added after it ended), or end a job it canceled before any worker ran it."""
+    (added after it ended), or end a job that ended without a worker's callback (canceled
+    while queued, or reaped by the API after its worker died)."""
     current = get_current_job()
     assert current is not None
     conn: Redis = current.connection
@@ -140,9 +140,15 @@ def job_ended_task(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
     except NoSuchJobError:
-        return {"notified": 0}
-    job_ended(conn, job, JobStatus.canceled, job.meta.get("error"))
-    return {"ended": job_id}
+        return {"ended": None}
+    status = job.get_status()
+    if status in (RQStatus.CANCELED, RQStatus.STOPPED):
+        job_ended(conn, job, JobStatus.canceled, job.meta.get("error") or {"type": "canceled", "message": "canceled"})
+    elif status == RQStatus.FAILED:
+        result = job.latest_result()
+        abandoned = result is not None and "AbandonedJobError" in (result.exc_string or "")
+        job_ended(conn, job, JobStatus.failed, _error_of(job, AbandonedJobError if abandoned else None))
+    return {"ended": job_id, "status": str(status)}
 
 
 # --- deliveries ----------------------------------------------------------------------------

@@ -42,9 +42,15 @@ def reap_abandoned(conn: Redis, queue_names: tuple[str, ...] = keys.QUEUES) -> N
     """Fail (or rerun) started jobs whose worker stopped heartbeating (RQ's own registry
     cleanup). It runs their failure callbacks in this thread, so no SIGALRM timeouts."""
     for name in queue_names:
-        StartedJobRegistry(
-            name, connection=conn, serializer=JSONSerializer, death_penalty_class=TimerDeathPenalty
-        ).cleanup()
+        lock = conn.lock(keys.reap_lock_key(name), timeout=30)
+        if not lock.acquire(blocking=False):
+            continue  # another process is reaping this queue
+        try:
+            StartedJobRegistry(
+                name, connection=conn, serializer=JSONSerializer, death_penalty_class=TimerDeathPenalty
+            ).cleanup()
+        finally:
+            lock.release()
 
 
 def rss_mb() -> float:
@@ -54,6 +60,19 @@ def rss_mb() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def count_attempt(job: Job) -> None:
+    """``meta.attempt`` (1, 2, ...); from the second on, ``meta.last_error``: why the one
+    before ended (its error, or ``worker_lost`` when its worker died without a word)."""
+    attempt = int(job.meta.get("attempt", 0)) + 1
+    job.meta["attempt"] = attempt
+    if attempt > 1:
+        job.meta["last_error"] = job.meta.pop("error", None) or {
+            "type": "worker_lost",
+            "message": "the worker running the previous attempt stopped (killed or crashed)",
+        }
+    job.save_meta()
 
 
 class InspectorWorker(SimpleWorker):
@@ -86,6 +105,8 @@ class InspectorWorker(SimpleWorker):
         return super().work(*args, **kwargs)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if job.func_name == keys.RUN_JOB_FUNC:
+            count_attempt(job)
         self._current = (job, queue)
         try:
             super().execute_job(job, queue)
@@ -108,8 +129,24 @@ class InspectorWorker(SimpleWorker):
                             execution.heartbeat(queue.started_job_registry, self.lost_after_s, pipe)
                     pipe.execute()
                 reap_abandoned(self.connection)
+                self._revive_scheduler()
             except Exception:  # a Redis blip must not kill the heartbeat; the next beat retries
                 log.warning("heartbeat failed", exc_info=True)
+
+    def _revive_scheduler(self) -> None:
+        """RQ's scheduler process exits on a Redis error (e.g. a Redis restart) and RQ starts
+        it again only between jobs, every 10 minutes; delayed retries and webhook
+        redeliveries would wait that long. Restart it at the next beat instead (it re-takes
+        its own locks at once), and take over from a dead worker's scheduler as soon as its
+        locks expire (61 s)."""
+        scheduler = self.scheduler
+        if scheduler is None or self._stop_requested or self._beating.is_set():
+            return
+        if scheduler._process is None or not scheduler._process.is_alive():
+            if scheduler._process is not None:
+                log.warning("worker %s: the RQ scheduler stopped; starting it again", self.name)
+                scheduler._process.join(0)
+            scheduler.acquire_locks(auto_start=True)  # no-op while another worker's holds the locks
 
     def teardown(self) -> None:
         if self.batcher is not None:

@@ -319,7 +319,7 @@ def test_client_errors_in_the_worker_are_not_retried(env, api):
     job, _ = jobs.submit(env.conn(), env.settings, "saliency", stale, [decoded], SaliencyParams())
     view, seen = wait_for(api, job.id, timeout=120)
     assert view["status"] == "failed" and view["error"]["type"] == "bad_params", view
-    assert "attempt" not in env.job(job.id).meta, "ran once"
+    assert env.job(job.id).meta["attempt"] == 1, "ran once"
     assert "queued" not in seen[1:]
 
 
@@ -332,7 +332,7 @@ def test_job_over_its_kinds_time_budget_fails_with_timeout(env, api, monkeypatch
     view, _ = wait_for(api, job["id"], timeout=120)
     assert view["status"] == "failed" and view["error"]["type"] == "timeout", view
     assert view["progress"]["done"] < 16
-    assert "attempt" not in env.job(job["id"]).meta, "a timeout is not retried"
+    assert env.job(job["id"]).meta["attempt"] == 1, "a timeout is not retried"
     monkeypatch.undo()
     image, _ = digit_png(24)
     assert submit(api, "saliency", [image], "digits-cnn", wait=60).status_code == 200  # worker still serving
