@@ -344,7 +344,7 @@ def build_prepared(model: LoadedModel, family: Family, keep: str | None = None) 
             details={"layer": None, "type": "ScriptModule"},
         )
     module: nn.Module = copy.deepcopy(original).eval()
-    probe = probe_input(model)
+    probe = probe_input(model, n=1)
     traced = True
     try:
         graph = _Tracer({keep} if keep else set()).trace(module)
