@@ -13,7 +13,7 @@ Per-key values in the keys file override the settings' defaults; 0 turns a limit
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import Depends
 from redis import Redis
@@ -83,7 +83,7 @@ def reserve_job_slot(conn: Redis, tenant: str, limit: int, job_id: str, now: flo
     """
     key = keys.unfinished_key(tenant)
     with conn.lock(f"{key}:lock", timeout=10, blocking_timeout=5):
-        ids = [m.decode() for m in conn.zrange(key, 0, -1)]
+        ids = [m.decode() for m in cast(list[bytes], conn.zrange(key, 0, -1))]
         if ids:
             with conn.pipeline() as pipe:
                 for i in ids:

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from redis import Redis
@@ -49,7 +49,7 @@ class PredictRequest:
     deadline: float  # unix time after which the API no longer waits
 
     @classmethod
-    def parse(cls, raw: bytes) -> PredictRequest:
+    def parse(cls, raw: bytes | str) -> PredictRequest:
         d = json.loads(raw)
         return cls(d["id"], list(d["inputs"]), int(d["top_k"]), float(d["deadline"]))
 
@@ -86,7 +86,7 @@ class PredictBatcher:
         popped = self.conn.blpop([keys.predict_queue_key(m) for m in ids], timeout=self.block_s)
         if popped is None:
             return None
-        key = popped[0].decode()
+        key = popped[0].decode() if isinstance(popped[0], bytes) else str(popped[0])
         batch = [PredictRequest.parse(popped[1])]
         n = len(batch[0].inputs)
         fill_until = time.monotonic() + self.max_delay_s
@@ -100,7 +100,7 @@ class PredictBatcher:
                 if one is None:
                     break
                 raw = [one[1]]
-            for r in raw:
+            for r in cast(list[bytes], raw):
                 batch.append(PredictRequest.parse(r))
                 n += len(batch[-1].inputs)
         return key.removeprefix(keys.predict_queue_key("")), batch
@@ -125,7 +125,7 @@ class PredictBatcher:
                     replies[r.id] = _error(JobFailure("the input images expired", type="input_expired"))
                     continue
                 try:
-                    x, _ = preprocess([decode(p) for p in pngs], model.manifest.preprocessing)
+                    x, _ = preprocess([decode(cast(bytes, p)) for p in pngs], model.manifest.preprocessing)
                 except Exception as e:  # one bad request must not sink the batch
                     log.exception("predict %s: cannot read its inputs", r.id)
                     replies[r.id] = _error(JobFailure(f"cannot read the inputs: {e}", type="internal"))

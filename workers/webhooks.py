@@ -37,7 +37,7 @@ import ipaddress
 import logging
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -50,7 +50,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
 from schemas import keys
-from schemas.errors import InspectorError
+from schemas.errors import ErrorBody, InspectorError
 from schemas.jobs import JobStatus, WebhookEvent, WebhookJob
 from schemas.settings import Settings, get_settings
 
@@ -105,7 +105,7 @@ def event_for(job: Job, status: JobStatus, error: dict[str, Any] | None, setting
             kind=job.meta.get("kind", "?"),
             model_id=job.meta.get("model_id", "?"),
             status=status,
-            error=error,
+            error=ErrorBody.model_validate(error) if error else None,
             url=f"{settings.public_url}/v1/jobs/{job.id}",
         )
     )
@@ -212,7 +212,7 @@ def deliver(payload: dict[str, Any]) -> dict[str, Any]:
     assert current is not None
     settings = get_settings()
     job_id, url = payload["job_id"], payload["url"]
-    body = current.connection.get(keys.ended_key(job_id))
+    body = cast(bytes | None, current.connection.get(keys.ended_key(job_id)))
     if body is None:
         return {"skipped": "the job's event expired"}
     try:

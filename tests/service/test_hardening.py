@@ -453,3 +453,38 @@ def test_batcher_fills_batches_drops_expired_requests_and_reports_bad_ones(model
     finally:
         server.process.kill()
         server.process.wait(10)
+
+
+def test_the_api_reaps_a_dead_workers_job_without_worker_code(settings):
+    """The API image has no worker code: reaping (RQ runs failure callbacks) must not need it.
+    Its own Redis with no worker: the job is made to look started by a worker that died."""
+    port = free_port()
+    server = RedisServer(port, _spawn_redis(port))
+    code = f"""
+import sys, numpy as np
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from schemas.settings import Settings
+from service.main import create_app
+from tests.helpers import png
+s = Settings(redis_url={server.url!r}, models_dir={str(settings.models_dir)!r}, webhook_secret="x",
+             webhook_allow_private=True)
+with TestClient(create_app(s)) as api:
+    files = {{"image": ("x.png", png(np.full((8, 8), 7, np.uint8)), "image/png")}}
+    job_id = api.post("/v1/jobs/saliency", files=files, data={{"model_id": "digits-cnn", "params": '{{"abs": false}}',
+                      "callback_url": "http://127.0.0.1:9/x"}}).json()["id"]
+    conn = Redis.from_url(s.redis_url)
+    Job.fetch(job_id, connection=conn, serializer=JSONSerializer).set_status("started")
+    conn.zadd("rq:wip:high", {{job_id + ":gone": 1}})  # an execution whose heartbeat stopped long ago
+    print(api.get("/v1/jobs/" + job_id).json()["error"]["type"])
+print([m for m in ("torch", "workers") if m in sys.modules])
+"""
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        server.process.kill()
+        server.process.wait(10)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-3:-1] == ["worker_lost", "[]"], out.stdout
