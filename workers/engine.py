@@ -53,7 +53,6 @@ from workers.explain.base import ForwardFn
 log = logging.getLogger(__name__)
 
 
-
 TOLERANCE = 1e-4
 """Largest |ONNX - eager| logit difference accepted on CPU, times ``max(1, max |logit|)``."""
 CUDA_TOLERANCE = 5e-3
@@ -179,44 +178,59 @@ def measure_throughput(
     candidates: Sequence[int],
     device: torch.device,
     budget_s: float,
-    min_time_s: float = 0.01,
+    rounds: int = 3,
+    min_pass_s: float = 0.002,
 ) -> dict[int, float]:
-    """Images/s of ``run`` on ``(bs, *shape)`` inputs for ascending candidate sizes.
+    """Images/s of ``run`` on ``(bs, *shape)`` inputs, ``bs`` in ``candidates``.
 
-    Each size gets one warm-up pass (new shapes allocate and build kernels), then passes
-    until ``min_time_s`` and at least 3 have run (1 when a pass takes over 0.2 s); its figure
-    is the fastest pass. It stops early past the peak (below 75% of the best so far), at a
-    size whose predicted cost would overrun ``budget_s`` seconds, or when the GPU runs out of
-    memory.
+    First round, in ascending order: a warm-up pass per size (a new shape allocates and
+    builds kernels), then one timed pass. It stops past the peak (below 75% of the best so
+    far), before a size whose predicted cost would overrun ``budget_s`` seconds, or when the
+    GPU runs out of memory. Then up to ``rounds - 1`` more rounds over the sizes kept, while
+    the budget lasts; each size's figure is its fastest pass. Rounds rather than one block per
+    size, so that a burst of load from other processes slows every size alike. A pass repeats
+    ``run`` until it lasts ``min_pass_s`` (cheap models), and counts per call.
     """
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(PROBE_SEED)
-    results: dict[int, float] = {}
+    inputs: dict[int, tuple[torch.Tensor, int]] = {}  # size -> (input, calls per pass)
+    best: dict[int, float] = {}  # size -> fastest seconds per call
+
+    def timed(bs: int) -> float:
+        x, calls = inputs[bs]
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            run(x)
+        sync()
+        return (time.perf_counter() - t0) / calls
+
     start = time.perf_counter()
     for bs in sorted(candidates):
-        if results:
-            per_pass = bs / max(results.values())  # predicted from the best so far
-            if per_pass * (2 if per_pass > 0.2 else 4) > budget_s - (time.perf_counter() - start):
+        if best:
+            per_call = bs * max(t / b for b, t in best.items())  # from the slowest per image so far
+            if 2 * per_call > budget_s - (time.perf_counter() - start):
                 break
         x = torch.randn((bs, *shape), generator=gen).to(device)
         try:
+            t0 = time.perf_counter()
             run(x)
             sync()
-            times: list[float] = []
-            while True:
-                t0 = time.perf_counter()
-                run(x)
-                sync()
-                times.append(time.perf_counter() - t0)
-                if sum(times) >= min_time_s and (len(times) >= 3 or times[0] > 0.2):
-                    break
+            warm = time.perf_counter() - t0
+            inputs[bs] = (x, max(1, min(1000, int(min_pass_s / max(warm, 1e-6)))))
+            best[bs] = timed(bs)
         except torch.OutOfMemoryError:
+            inputs.pop(bs, None)
             torch.cuda.empty_cache()
             break
-        results[bs] = bs / min(times)
-        if results[bs] < 0.75 * max(results.values()):
+        if bs / best[bs] < 0.75 * max(b / t for b, t in best.items()):
             break
-    return results
+    for _ in range(rounds - 1):
+        cost = sum(t * inputs[bs][1] for bs, t in best.items())
+        if cost > budget_s - (time.perf_counter() - start):
+            break
+        for bs in best:
+            best[bs] = min(best[bs], timed(bs))
+    return {bs: bs / t for bs, t in best.items()}
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -407,6 +421,13 @@ def _measure(
             batch_size = pick_batch_size(fwd_ips)
     grad_candidates = GPU_CANDIDATES if gpu else CPU_GRAD_CANDIDATES
     grad_ips = measure_throughput(eager_grad_pass(module), shape, grad_candidates, device, budget_s)
+    log.info(
+        "batch sizes on %s: %s forward %s, eager forward+backward %s (images/s)",
+        device,
+        name,
+        {k: round(v) for k, v in fwd_ips.items()},
+        {k: round(v) for k, v in grad_ips.items()},
+    )
     return {
         "engine": name,
         "reason": reason,
