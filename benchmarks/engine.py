@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,15 +32,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def time_passes(run: Callable[[], object], min_time: float) -> tuple[float, float]:
-    """(fastest, median) seconds per pass: one warm-up, then passes for ``min_time`` (3 at least)."""
+def time_passes(run: Callable[[], object], min_time: float) -> tuple[float, float, float]:
+    """(fastest, median) seconds per pass and minor page faults per pass: one warm-up, then
+    passes for ``min_time`` (3 at least)."""
     run()
     times: list[float] = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     while sum(times) < min_time or len(times) < 3:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return min(times), statistics.median(times), faults / len(times)
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,10 +82,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 row = {"eager": time_passes(lambda x=x, f=eager: f(x), args.min_time)}
                 for n, fwd in sessions.items():
                     row[f"onnx{n}"] = time_passes(lambda x=x, fwd=fwd: fwd(x), args.min_time)
-                res["forward"][bs] = {k: (bs / best, bs / med) for k, (best, med) in row.items()}
+                res["forward"][bs] = {k: (bs / best, bs / med, flt) for k, (best, med, flt) in row.items()}
                 if bs <= args.max_grad_batch:
-                    best, med = time_passes(lambda x=x, g=grad: g(x), args.min_time)
-                    res["grad"][bs] = (bs / best, bs / med)
+                    best, med, flt = time_passes(lambda x=x, g=grad: g(x), args.min_time)
+                    res["grad"][bs] = (bs / best, bs / med, flt)
         out[model_id] = res
     return out
 
@@ -148,6 +152,14 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
         for bs, a in p["grad"].items():
             b = t["grad"][bs]
             print(f"{bs:>5} | {fmt(a)} {fmt(b)} {b[0] / a[0]:>6.2f}x")
+        print("\nminor page faults per pass, glibc default -> ALLOCATOR_ENV")
+        print(f"{'batch':>5} | {'eager forward':>21} {'ONNX forward':>21} {'eager fwd+bwd':>21}")
+        for bs in args.batches:
+            a, b = p["forward"][str(bs)], t["forward"][str(bs)]
+            cells = [f"{a['eager'][2]:>9.0f} -> {b['eager'][2]:>8.0f}", f"{a[onnx][2]:>9.0f} -> {b[onnx][2]:>8.0f}"]
+            if str(bs) in p["grad"]:
+                cells.append(f"{p['grad'][str(bs)][2]:>9.0f} -> {t['grad'][str(bs)][2]:>8.0f}")
+            print(f"{bs:>5} | " + " ".join(cells))
         print("\nONNX Runtime intra-op threads (ALLOCATOR_ENV; 0 = ORT's default)")
         print(f"{'batch':>5} | " + " ".join(f"{'threads ' + str(n):>17}" for n in args.threads))
         for bs in args.batches:

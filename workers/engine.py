@@ -21,7 +21,7 @@ DESIGN.md rules 6 and 7. :func:`build_engine` runs once per model version and de
 
 When export, load or check fails the engine is eager PyTorch (``Engine.name == "eager"``),
 and why is logged and kept in ``Engine.reason`` and in the JSON file (so a failed export is
-not retried at every start; delete the two files to retry).
+not retried at every start; delete the JSON file to retry, both files to re-export).
 
 Measured on the 2-core CPU and the allocator settings of :data:`ALLOCATOR_ENV`: see
 docs/performance.md (``benchmarks/engine.py``).
@@ -300,7 +300,9 @@ def ort_forward(path: Path, device: torch.device, threads: int) -> ForwardFn:
 
 def _cuda_forward(sess: Any, device: torch.device, index: int) -> ForwardFn:
     """Run on the GPU tensors in place (I/O binding): no copy through host memory."""
-    k = int(sess.get_outputs()[0].shape[1])
+    k = sess.get_outputs()[0].shape[1]
+    if not isinstance(k, int):
+        raise EngineUnavailable(f"the ONNX output has no fixed number of classes ({k!r})")
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(device=device, dtype=torch.float32).contiguous()
@@ -310,6 +312,7 @@ def _cuda_forward(sess: Any, device: torch.device, index: int) -> ForwardFn:
         binding.bind_output(_OUTPUT, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
         torch.cuda.current_stream(device).synchronize()  # x is written before ORT's stream reads it
         sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()
         return out
 
     return forward
@@ -371,7 +374,10 @@ def _onnx_engine(
             raise EngineUnavailable("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
     probe = probe_batch(shape, 3, device)
     if path.exists():
-        fwd = ort_forward(path, device, threads)
+        try:
+            fwd = ort_forward(path, device, threads)
+        except Exception as e:  # a file ONNX Runtime cannot load: serve eager, say why
+            raise EngineUnavailable(f"loading {path.name}: {type(e).__name__}: {e}") from e
         check_against_eager(eager, fwd, probe, (1, 3), tol)
         return fwd, ""
     errors = []

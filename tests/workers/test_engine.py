@@ -245,3 +245,13 @@ def test_allocator_env_keeps_big_blocks() -> None:
     tuned = faults({"PATH": "/usr/bin:/bin", **ALLOCATOR_ENV})
     assert plain >= 20  # each of the 20 blocks faulted in again (fewer faults with huge pages)
     assert tuned < plain // 20
+
+
+def test_unreadable_cached_file_falls_back_to_eager(models_dir: Path, tmp_path: Path) -> None:
+    entry = read_entry(models_dir / "digits-cnn")
+    module = build_module(entry)
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / f"digits-cnn-{entry.version}.onnx").write_bytes(b"not an onnx model")
+    engine = build_engine(module, entry, tmp_path, CPU, budget_s=BUDGET_S)
+    assert engine.name == "eager" and engine.reason.startswith("loading digits-cnn-")
