@@ -500,6 +500,8 @@ def quality_scores(
 
         def explain(inputs: Any, target: torch.Tensor) -> Any:
             xi = inputs[0] if isinstance(inputs, tuple) else inputs
+            # Captum leaves a one-element target unexpanded ("the same for every row").
+            target = target.reshape(-1).expand(len(xi)) if target.numel() == 1 else target
             calls[0] += 1
             progress(min(calls[0], 1 + len(x) * sm.n_perturb_samples), 1 + len(x) * sm.n_perturb_samples,
                      "sensitivity_max")  # fmt: skip
