@@ -62,9 +62,12 @@ class Infidelity(BaseModel):
 class _Method(JobParams):
     """Fields shared by every attribution method."""
 
+    method: str = Field(description="the attribution method (each variant fixes it)")
     aggregation: Aggregation = Field("sum", description="channel aggregation of the 2-D map")
     seed: int = Field(0, ge=0, description="seed of every random draw (noise, samples, baselines, metrics)")
-    region_grid: int = Field(7, ge=1, le=64, description="top regions: the 2-D map is cut into a grid of this many cells per side")
+    region_grid: int = Field(
+        7, ge=1, le=64, description="top regions: the 2-D map is cut into a grid of this many cells per side"
+    )
     top_regions: int = Field(5, ge=0, le=64, description="how many of the cells with most positive mass to report")
     sensitivity_max: SensitivityMax | None = Field(None, description="compute Max Sensitivity (costly)")
     infidelity: Infidelity | None = Field(None, description="compute infidelity")
@@ -72,7 +75,9 @@ class _Method(JobParams):
 
 class _WithBaseline(BaseModel):
     baseline: Baseline = "zero"
-    blur_sigma: float = Field(0.1, gt=0, le=2, description="'blur' baseline: Gaussian sigma as a fraction of the image side")
+    blur_sigma: float = Field(
+        0.1, gt=0, le=2, description="'blur' baseline: Gaussian sigma as a fraction of the image side"
+    )
 
 
 class _WithBaselines(BaseModel):
@@ -82,7 +87,9 @@ class _WithBaselines(BaseModel):
         max_length=32,
         description="the baseline distribution (each uniform_noise entry is a different draw)",
     )
-    blur_sigma: float = Field(0.1, gt=0, le=2, description="'blur' baseline: Gaussian sigma as a fraction of the image side")
+    blur_sigma: float = Field(
+        0.1, gt=0, le=2, description="'blur' baseline: Gaussian sigma as a fraction of the image side"
+    )
 
 
 class _WithSuperpixels(BaseModel):
@@ -90,7 +97,9 @@ class _WithSuperpixels(BaseModel):
     n_segments: int = Field(49, ge=2, le=1024, description="number of features (grid: rounded to a square)")
     slic_compactness: float = Field(10.0, gt=0, description="SLIC colour/space trade-off (scikit-image's default)")
     baseline: Baseline = Field("zero", description="what a removed feature is replaced with")
-    blur_sigma: float = Field(0.1, gt=0, le=2, description="'blur' baseline: Gaussian sigma as a fraction of the image side")
+    blur_sigma: float = Field(
+        0.1, gt=0, le=2, description="'blur' baseline: Gaussian sigma as a fraction of the image side"
+    )
 
 
 Integration = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
@@ -198,10 +207,14 @@ class OcclusionMethod(_Method):
     replaced by the baseline, averaged over the windows covering each pixel."""
 
     method: Literal["occlusion"]
-    window: int | None = Field(None, ge=1, le=4096, description="window side in pixels; null = 1/7 of the image side (32 at 224)")
+    window: int | None = Field(
+        None, ge=1, le=4096, description="window side in pixels; null = 1/7 of the image side (32 at 224)"
+    )
     stride: int | None = Field(None, ge=1, le=4096, description="stride in pixels; null = half the window")
     baseline: Baseline = "zero"
-    blur_sigma: float = Field(0.1, gt=0, le=2, description="'blur' baseline: Gaussian sigma as a fraction of the image side")
+    blur_sigma: float = Field(
+        0.1, gt=0, le=2, description="'blur' baseline: Gaussian sigma as a fraction of the image side"
+    )
 
 
 class FeatureAblationMethod(_Method, _WithSuperpixels):
@@ -292,7 +305,9 @@ class OcclusionMapParams(JobParams):
     square occluder slides over the image; at each position the model's probability of the
     target class (and its most probable class) is recorded."""
 
-    occluder: int | None = Field(None, ge=1, le=4096, description="occluder side in pixels; null = 1/7 of the image side")
+    occluder: int | None = Field(
+        None, ge=1, le=4096, description="occluder side in pixels; null = 1/7 of the image side"
+    )
     stride: int | None = Field(None, ge=1, le=4096, description="stride in pixels; null = half the occluder")
     fill: Literal["grey", "black", "mean"] = Field(
         "grey", description="occluder colour: grey square (Zeiler and Fergus), black, or the image's mean colour"
@@ -392,7 +407,9 @@ def gradcam_layer(params: BaseModel, manifest: ModelManifest) -> str:
     """The layer a Grad-CAM-style method uses: its ``layer`` or the manifest's."""
     layer = getattr(params, "layer", None) or manifest.gradcam_layer
     if not layer:
-        raise BadParams(f"{getattr(params, 'method', '')}: model {manifest.id!r} declares no gradcam_layer; set 'layer'")
+        raise BadParams(
+            f"{getattr(params, 'method', '')}: model {manifest.id!r} declares no gradcam_layer; set 'layer'"
+        )
     return layer
 
 
@@ -423,7 +440,9 @@ def check_supported(params: BaseModel, manifest: ModelManifest) -> None:
     elif method in ("deeplift", "deeplift_shap"):
         for name, t in leaves.items():
             if t in ACTIVATION_TYPES and t not in DEEPLIFT_ACTIVATIONS:
-                raise UnsupportedMethod(f"DeepLift has no rule for layer {name!r} ({t})", details={"layer": name, "type": t})
+                raise UnsupportedMethod(
+                    f"DeepLift has no rule for layer {name!r} ({t})", details={"layer": name, "type": t}
+                )
     elif method in ("guided_backprop", "deconvolution", "guided_gradcam"):
         acts = {n: t for n, t in leaves.items() if t in ACTIVATION_TYPES}
         for name, t in acts.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ from workers.registry import preprocess
 _versions = itertools.count()
 
 
-def tiny_model(module: nn.Module, size: tuple[int, int], classes: int, mode: str = "L") -> LoadedModel:
+def tiny_model(module: nn.Module, size: tuple[int, int], classes: int, mode: Literal["L", "RGB"] = "L") -> LoadedModel:
     """A hand-built module as a LoadedModel: inputs are pixels / 255 (mean 0, std 1); each
     gets its own version (prepared copies are cached per model version)."""
     module.eval()
@@ -53,7 +54,9 @@ def tiny_model(module: nn.Module, size: tuple[int, int], classes: int, mode: str
         with torch.inference_mode():
             return module(x)
 
-    return LoadedModel(manifest, f"v{next(_versions)}", module, torch.device("cpu"), forward, batch_size=4, grad_batch_size=4)
+    return LoadedModel(
+        manifest, f"v{next(_versions)}", module, torch.device("cpu"), forward, batch_size=4, grad_batch_size=4
+    )
 
 
 def inputs_for(model: LoadedModel, images: list[np.ndarray]) -> Inputs:
@@ -77,7 +80,7 @@ def assert_no_hooks(module: nn.Module) -> None:
     assert not any(p.requires_grad for p in module.parameters())
 
 
-def params(method: str, **kw) -> object:
+def params(method: str, **kw: Any) -> Any:
     return AttributionParams.model_validate({"method": method, **kw})
 
 
@@ -273,7 +276,7 @@ def test_checks_before_queueing_use_the_manifest(models_dir):
 FAST = {"n_steps": 4, "nt_samples": 2, "n_samples": 4, "n_segments": 4, "superpixels": "grid", "window": 4, "stride": 2}
 
 
-def fast_params(method: str, **extra) -> object:
+def fast_params(method: str, **extra: Any) -> Any:
     fields = METHODS[method].model_fields
     return params(method, **{k: v for k, v in FAST.items() if k in fields}, **extra)
 
@@ -299,7 +302,9 @@ def test_run_writes_the_artifacts_and_summary(model_cache):
     p = fast_params("integrated_gradients", sensitivity_max={"n_perturb_samples": 2}, infidelity={})
     result = run(model, inputs, p, lambda done, total, stage: None)
     names = {a.name: a for a in result.artifacts}
-    assert set(names) == {f"{i}-{n}" for i in range(2) for n in ("attribution.npy", "map.npy", "heatmap.png", "overlay.png")}
+    assert set(names) == {
+        f"{i}-{n}" for i in range(2) for n in ("attribution.npy", "map.npy", "heatmap.png", "overlay.png")
+    }
     raw = np.load(io.BytesIO(names["1-attribution.npy"].data))
     assert raw.shape == (1, 8, 8) and np.load(io.BytesIO(names["1-map.npy"].data)).shape == (8, 8)
     assert Image.open(io.BytesIO(names["0-overlay.png"].data)).size[0] >= 224

@@ -28,9 +28,9 @@ from PIL import Image
 
 from schemas.attribution import METHODS
 from tests.workers.test_attribution import digits_batch, params
+from workers.engine import eager_forward
 from workers.explain import rules
 from workers.explain.attribution import attribute, input_range, make_baseline, superpixel_mask
-from workers.engine import eager_forward
 from workers.registry import preprocess
 
 SMALL = {
@@ -53,7 +53,9 @@ def captum_reference(model, x: torch.Tensor, t: torch.Tensor, p) -> torch.Tensor
     module = copy.deepcopy(model.module)
     layer_name = getattr(p, "layer", None) or model.manifest.gradcam_layer
     m = p.method
-    xs = x.clone().requires_grad_(m not in ("occlusion", "feature_ablation", "shapley_value_sampling", "kernel_shap", "lime"))
+    xs = x.clone().requires_grad_(
+        m not in ("occlusion", "feature_ablation", "shapley_value_sampling", "kernel_shap", "lime")
+    )
     seed_all(p.seed)
     zeros = torch.zeros_like(x)
     if m == "saliency":
@@ -104,8 +106,8 @@ def captum_reference(model, x: torch.Tensor, t: torch.Tensor, p) -> torch.Tensor
                 out.append(ca.DeepLiftShap(net).attribute(xi, baselines=dist, target=ti))
         elif m == "occlusion":
             c = x.shape[1]
-            out.append(ca.Occlusion(module).attribute(xi, sliding_window_shapes=(c, p.window, p.window),
-                                                      strides=(c, p.stride, p.stride), baselines=0, target=ti))  # fmt: skip
+            window, stride = (c, p.window, p.window), (c, p.stride, p.stride)
+            out.append(ca.Occlusion(module).attribute(xi, window, strides=stride, baselines=0, target=ti))
         else:
             mask = superpixel_mask(xi, p)
             kw = {"feature_mask": mask, "target": ti, "baselines": 0}
@@ -119,7 +121,9 @@ def captum_reference(model, x: torch.Tensor, t: torch.Tensor, p) -> torch.Tensor
                 from captum._utils.models.linear_model import SkLearnLasso
                 from captum.attr._core.lime import get_exp_kernel_similarity_function
 
-                lime = ca.Lime(module, SkLearnLasso(alpha=p.alpha), get_exp_kernel_similarity_function("cosine", p.kernel_width))
+                lime = ca.Lime(
+                    module, SkLearnLasso(alpha=p.alpha), get_exp_kernel_similarity_function("cosine", p.kernel_width)
+                )
                 out.append(lime.attribute(xi, n_samples=p.n_samples, **kw))
     return torch.cat(out)
 
@@ -172,8 +176,6 @@ def test_parity_with_captum_on_digits(digits, method):
     extra = {"window": 2, "stride": 2} if method == "occlusion" else {}
     p = method_params(method, batch_size=batch_size(method), **extra)
     assert_parity(attribute(model, x, t, p), captum_reference(model, x, t, p))
-
-
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -57,7 +57,9 @@ def test_every_method_runs_on_efficientnet_or_answers_422(cat, method):
     fields = METHODS[method].model_fields
     p = params(method, **{k: v for k, v in TINY.items() if k in fields})
     if method == "lrp":
-        with pytest.raises(UnsupportedMethod, match=r"LRP has no rule for layer '_conv_stem\.static_padding' \(ZeroPad2d\)"):
+        with pytest.raises(
+            UnsupportedMethod, match=r"LRP has no rule for layer '_conv_stem\.static_padding' \(ZeroPad2d\)"
+        ):
             attribute(model, x, t, p)
     else:
         a = attribute(model, x, t, p)
@@ -86,7 +88,9 @@ def test_rules_apply_on_efficientnet(cat, gradient, method):
     if method == "deeplift":
         raw = ca.DeepLift(model.module).attribute(xs, baselines=black, target=t)
     else:
-        raw = {"guided_backprop": ca.GuidedBackprop, "deconvolution": ca.Deconvolution}[method](model.module).attribute(xs, target=t)
+        raw = {"guided_backprop": ca.GuidedBackprop, "deconvolution": ca.Deconvolution}[method](model.module).attribute(
+            xs, target=t
+        )
     assert relative_difference(raw.detach(), plain) < 1e-4, "Captum on the raw model falls back to the gradient"
     ours = attribute(model, x, t, params(method, baseline="black") if method == "deeplift" else params(method))
     assert ours.shape == x.shape and torch.isfinite(ours).all()
@@ -104,7 +108,9 @@ def test_prepared_models_match_the_original_and_are_cached(cat):
         want = model.module(x)
         for family in ("guided", "deeplift"):
             prepared = rules.prepare(model, family, keep=model.manifest.gradcam_layer if family == "guided" else None)
-            assert prepared is rules.prepare(model, family, keep=model.manifest.gradcam_layer if family == "guided" else None)
+            assert prepared is rules.prepare(
+                model, family, keep=model.manifest.gradcam_layer if family == "guided" else None
+            )
             torch.testing.assert_close(prepared(x), want, rtol=1e-4, atol=1e-4)
             types = {type(m).__name__ for m in prepared.modules()}
             assert "ReLU6" not in types and ({"GuidedReLU6"} if family == "guided" else {"ReLU6Rescale"}) <= types

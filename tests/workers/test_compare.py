@@ -58,7 +58,9 @@ def test_compare_on_digits_matches_single_runs(model_cache):
 def test_unsupported_method_becomes_an_error_row():
     model = tiny_model(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.SiLU(), nn.Linear(3, 2)), (2, 2), 2)
     inputs = inputs_for(model, [np.full((2, 2, 3), 200, np.uint8)])
-    p = CompareParams(methods=[params("saliency"), params("lrp"), params("saliency")], sensitivity_max=None, infidelity=None)
+    p = CompareParams(
+        methods=[params("saliency"), params("lrp"), params("saliency")], sensitivity_max=None, infidelity=None
+    )
     result = run(model, inputs, p, quiet)
     rows = result.summary["methods"]
     assert [r["method"] for r in rows] == ["saliency", "lrp", "saliency#2"]

@@ -51,7 +51,6 @@ from schemas.attribution import (
     InputXGradientMethod,
     IntegratedGradientsMethod,
     KernelShapMethod,
-    LimeMethod,
     LRPMethod,
     NoiseTunnelMethod,
     OcclusionMethod,
@@ -357,7 +356,9 @@ def _guided_gradcam(r: _Run, x: torch.Tensor, t: torch.Tensor, p: GuidedGradCamM
     r.model.submodule(name)  # BadParams when the layer does not exist
     prepared = _guided_module(r, name)
     method = ca.GuidedGradCam(prepared, prepared.get_submodule(name))
-    return r.per_chunk(x, t, r.grad_bs, lambda xc, tc: method.attribute(xc, target=tc, interpolate_mode=p.interpolate_mode))
+    return r.per_chunk(
+        x, t, r.grad_bs, lambda xc, tc: method.attribute(xc, target=tc, interpolate_mode=p.interpolate_mode)
+    )
 
 
 def _lrp(r: _Run, x: torch.Tensor, t: torch.Tensor, p: LRPMethod) -> torch.Tensor:

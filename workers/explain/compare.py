@@ -19,6 +19,7 @@ import csv
 import io
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from workers.explain.attribution import attribute, quality_scores
 from workers.explain.base import Artifact, Inputs, KindResult, LoadedModel, ProgressFn
 
 
-def method_labels(methods: list[MethodParams]) -> list[str]:
+def method_labels(methods: Sequence[MethodParams]) -> list[str]:
     """Short unique labels: the method name, the noise tunnel's type, ``#k`` for repeats."""
     base = [f"{m.method}-{m.nt_type}" if m.method == "noise_tunnel" else m.method for m in methods]  # type: ignore[attr-defined]
     seen: Counter[str] = Counter()

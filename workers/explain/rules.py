@@ -339,8 +339,7 @@ def build_prepared(model: LoadedModel, family: Family, keep: str | None = None) 
     original = model.module
     if isinstance(original, torch.jit.ScriptModule):
         raise UnsupportedMethod(
-            f"{_FAMILY_NAME[family]} needs an nn.Module whose layers it can hook; "
-            f"{model.id!r} is a TorchScript model",
+            f"{_FAMILY_NAME[family]} needs an nn.Module whose layers it can hook; {model.id!r} is a TorchScript model",
             details={"layer": None, "type": "ScriptModule"},
         )
     module: nn.Module = copy.deepcopy(original).eval()
