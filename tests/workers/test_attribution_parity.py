@@ -17,7 +17,6 @@ would copy relevance through additions, so those two are compared with Captum on
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import numpy as np
 import pytest
@@ -31,7 +30,8 @@ from tests.workers.test_attribution import digits_batch, params
 from workers.engine import eager_forward
 from workers.explain import rules
 from workers.explain.attribution import attribute, input_range, make_baseline, superpixel_mask
-from workers.registry import preprocess
+from workers.explain.base import LoadedModel
+from workers.registry import build_module, preprocess
 
 SMALL = {
     "n_steps": 5,
@@ -155,16 +155,20 @@ def digits(model_cache):
 
 
 @pytest.fixture(scope="module")
-def resnet(model_cache, chelsea):
-    model = model_cache.get("resnet18-random")
+def resnet(models_dir, chelsea):
+    """resnet18-random, built eagerly (no forward-engine export: the exported engine is fixed
+    to 64x64, and these inputs are 32x32, a quarter of the work; resnet18 is fully
+    convolutional up to its global pool). Engine parity is the engine's own test; digits-cnn
+    above runs through whatever engine the worker gives it."""
+    from schemas.manifests import read_entry
+
+    entry = read_entry(models_dir / "resnet18-random")
+    module = build_module(entry)
+    model = LoadedModel(entry.manifest, entry.version, module, torch.device("cpu"), eager_forward(module), 16, 8)
     images = [Image.fromarray(chelsea), Image.fromarray(np.ascontiguousarray(chelsea[:, ::-1]))]
     x, _ = preprocess(images, model.manifest.preprocessing)
-    # 32x32 (resnet18 is fully convolutional up to its global pool): a quarter of the work;
-    # the exported forward engine is fixed to 64x64, so this model evaluates eagerly (engine
-    # parity is the engine's test; digits-cnn above runs through whatever engine it has)
     x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)
-    eager = dataclasses.replace(model, forward=eager_forward(model.module))
-    return eager, x, eager.forward(x).argmax(1)
+    return model, x, model.forward(x).argmax(1)
 
 
 FORWARD_ONLY = ("occlusion", "feature_ablation", "shapley_value_sampling", "kernel_shap", "lime")
