@@ -317,3 +317,24 @@ def test_run_writes_the_artifacts_and_summary(model_cache):
     assert img["attribution"]["sum"] == pytest.approx(float(raw.sum()), rel=1e-4)
     assert img["sensitivity_max"] >= 0 and img["infidelity"] >= 0
     json.dumps(s)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "gradcam", "occlusion", "deeplift"])
+def test_cancel_propagates_and_leaves_no_hooks(model_cache, method):
+    """A progress callback raising JobCanceled (a canceled job) stops the method at the next
+    chunk; Captum's hooks come off on the way out."""
+    from workers.explain.base import JobCanceled
+
+    model = model_cache.get("digits-cnn")
+    x = digits_batch(3)
+    calls = []
+
+    def cancel_second(done: int, total: int, stage: str) -> None:
+        calls.append(done)
+        if len(calls) == 2:
+            raise JobCanceled("job")
+
+    with pytest.raises(JobCanceled):
+        attribute(model, x, model.forward(x).argmax(1), fast_params(method, batch_size=1), cancel_second)
+    assert len(calls) == 2
+    assert_no_hooks(model.module)
