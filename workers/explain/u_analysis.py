@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import io
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,8 @@ STREAM_ORDER, STREAM_NOISE, STREAM_MIDDLE = 1, 2, 3
 """Independent random streams per image: ``SeedSequence([seed, image_index, stream, ...])``."""
 
 MAX_STRIP_ROWS = 8
+GATHER_BYTES = 64 << 20
+"""Rows built at once by ``evaluate_sequences`` (then evaluated in forward chunks)."""
 PROGRESS_REPORTS = 200
 """At most about this many progress calls per evaluation (each may write to Redis)."""
 
@@ -233,17 +235,22 @@ def noise_image(
 # the sequence x_0 ... x_N and its evaluation
 
 
+def region_ranks(order: np.ndarray) -> np.ndarray:
+    """``(N,)`` int32: the position of each region in ``order``; region r is replaced in ``x_i``
+    iff ``rank[r] < i``."""
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return rank
+
+
 def pixel_ranks(grid: Grid, order: np.ndarray) -> torch.Tensor:
-    """``(H, W)`` int64: the position in ``order`` of each pixel's region; pixel p is replaced in
-    ``x_i`` iff ``rank(p) < i``."""
-    rank = np.empty(grid.n, dtype=np.int64)
-    rank[order] = np.arange(grid.n)
-    return torch.from_numpy(rank[grid.labels()])
+    """``(H, W)`` int64: the rank (``region_ranks``) of each pixel's region."""
+    return torch.from_numpy(region_ranks(order)[grid.labels()].astype(np.int64))
 
 
 def sequence_images(x: torch.Tensor, z: torch.Tensor, ranks: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """``x_i`` for ``i`` in ``steps`` ``(S,)``: ``(S, C, H, W)``, pixels of the first ``i`` regions
-    from ``z``, the others from ``x`` (both ``(C, H, W)``)."""
+    from ``z``, the others from ``x`` (both ``(C, H, W)``); ``ranks`` from ``pixel_ranks``."""
     mask = ranks.to(x.device)[None, None] < steps.to(x.device)[:, None, None, None]
     return torch.where(mask, z[None], x[None])
 
@@ -251,25 +258,30 @@ def sequence_images(x: torch.Tensor, z: torch.Tensor, ranks: torch.Tensor, steps
 @dataclass
 class SequenceSpec:
     """Rows to evaluate: ``x_i`` for ``i`` in ``steps`` of one sequence, and the class whose
-    probability is read."""
+    probability is read. Specs may share ``x``, ``z`` and ``rank`` objects (they are pooled by
+    identity, so sharing saves memory)."""
 
     x: torch.Tensor  # (C, H, W)
     z: torch.Tensor  # (C, H, W)
-    ranks: torch.Tensor  # (H, W)
-    steps: torch.Tensor  # (S,) int64
+    grid: Grid
+    rank: np.ndarray  # (N,) from region_ranks
+    steps: np.ndarray  # (S,) int
     target: int
 
 
-def _pieces(specs: Sequence[SequenceSpec], batch: int) -> Iterator[torch.Tensor]:
-    """Slices of the concatenated rows, cut at every multiple of ``batch``."""
-    offset = 0
-    for s in specs:
-        i = 0
-        while i < len(s.steps):
-            k = min(len(s.steps) - i, batch - offset % batch)
-            yield sequence_images(s.x, s.z, s.ranks, s.steps[i : i + k])
-            i += k
-            offset += k
+class _Pool:
+    """Distinct objects by identity, numbered in order of arrival."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self._index: dict[int, int] = {}
+
+    def add(self, obj: Any, key: Any = None) -> int:
+        k = id(obj) if key is None else key
+        if k not in self._index:
+            self._index[k] = len(self.items)
+            self.items.append(obj)
+        return self._index[k]
 
 
 def evaluate_sequences(
@@ -283,35 +295,72 @@ def evaluate_sequences(
     """Every row of ``specs`` through ``model.forward`` in chunks of ``batch_size`` (chunks run
     across sequences), progress reported every ``1 / PROGRESS_REPORTS`` of the rows. Returns
     ``(predicted (R,) int64, target probability (R,) float32)`` in row order,
-    ``R = sum(len(s.steps))`` (probabilities are NaN when not needed)."""
-    total = sum(len(s.steps) for s in specs)
-    targets = torch.tensor([s.target for s in specs for _ in range(len(s.steps))], dtype=torch.long)
+    ``R = sum(len(s.steps))`` (probabilities are NaN when not needed).
+
+    Each chunk is gathered in one go: a row is (image, noise image, region ranks, region
+    labels, step) by index into pools of the distinct tensors, and its pixels come from the
+    noise image where ``rank[label[p]] < step``."""
+    if not specs:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    device = specs[0].x.device
+    xs, zs, ranks, grids = _Pool(), _Pool(), _Pool(), _Pool()
+    ids = np.array(
+        [
+            (
+                xs.add(s.x),
+                zs.add(s.z),
+                ranks.add(s.rank),
+                grids.add(s.grid, (s.grid.height, s.grid.width, s.grid.window)),
+            )
+            for s in specs
+        ],
+        dtype=np.int64,
+    )
+    lengths = np.array([len(s.steps) for s in specs], dtype=np.int64)
+    total = int(lengths.sum())
+    row_ids = ids[np.repeat(np.arange(len(specs)), lengths)]  # (R, 4): image, noise, ranks, grid
+    row_step = np.concatenate([np.asarray(s.steps, np.int32) for s in specs])
+    targets = np.repeat([s.target for s in specs], lengths)
+    rank_pool = np.zeros((len(ranks.items), max(len(r) for r in ranks.items)), dtype=np.int32)
+    for i, r in enumerate(ranks.items):
+        rank_pool[i, : len(r)] = r
+    label_pool = np.stack([g.labels().ravel() for g in grids.items])
+    x_pool, z_pool = torch.stack(xs.items), torch.stack(zs.items)
+    shape = tuple(x_pool.shape[1:])
+    on_cpu = device.type == "cpu"
+    if on_cpu:  # numpy: one thread, no OpenMP barrier per small op on a busy CPU
+        x_np, z_np = x_pool.detach().numpy(), z_pool.detach().numpy()
+
+    def rows_of(sl: slice) -> torch.Tensor:
+        ix, iz, ir, ig = row_ids[sl].T
+        mask = np.take_along_axis(rank_pool[ir], label_pool[ig], 1) < row_step[sl, None]
+        mask = mask.reshape(-1, 1, *shape[1:])
+        if on_cpu:
+            return torch.from_numpy(np.where(mask, z_np[iz], x_np[ix]))
+        t = torch.from_numpy(mask).to(device)
+        return torch.where(t, z_pool[torch.from_numpy(iz).to(device)], x_pool[torch.from_numpy(ix).to(device)])
+
     predicted = np.empty(total, dtype=np.int64)
     prob = np.full(total, np.nan, dtype=np.float32)
-    pending: list[torch.Tensor] = []
-    n_pending, done, reported = 0, 0, 0
-    every = max(1, total // PROGRESS_REPORTS)
-
-    def flush() -> None:
-        nonlocal pending, n_pending, done, reported
-        logits = model.forward(torch.cat(pending) if len(pending) > 1 else pending[0]).float()
-        predicted[done : done + n_pending] = logits.argmax(1).cpu().numpy()
+    every, reported = max(1, total // PROGRESS_REPORTS), 0
+    # rows are built many forward chunks at a time (up to GATHER_BYTES) to amortise the indexing
+    gather = batch_size * max(1, min(64, GATHER_BYTES // (batch_size * int(np.prod(shape)) * 4)))
+    for start in range(0, total, gather):
+        sl = slice(start, min(start + gather, total))
+        rows = rows_of(sl)
+        logits = []
+        for i in range(0, len(rows), batch_size):
+            logits.append(model.forward(rows[i : i + batch_size]).float().cpu().numpy())
+            done = start + min(i + batch_size, len(rows))
+            if done - reported >= every or done == total:
+                reported = done
+                progress(done, total, stage)
+        out = np.concatenate(logits)
+        predicted[sl] = out.argmax(1)
         if need_probability:
-            t = targets[done : done + n_pending].to(logits.device)
-            prob[done : done + n_pending] = logits.softmax(1).gather(1, t[:, None])[:, 0].cpu().numpy()
-        done += n_pending
-        pending, n_pending = [], 0
-        if done - reported >= every or done == total:
-            reported = done
-            progress(done, total, stage)
-
-    for piece in _pieces(specs, batch_size):
-        pending.append(piece)
-        n_pending += len(piece)
-        if n_pending == batch_size:
-            flush()
-    if pending:
-        flush()
+            z = out - out.max(1, keepdims=True)
+            p = np.exp(z[np.arange(len(out)), targets[sl]]) / np.exp(z).sum(1)
+            prob[sl] = p.astype(np.float32)
     return predicted, prob
 
 
@@ -358,11 +407,15 @@ def compute_attribution(
     targets: torch.Tensor,
     method: Any,
     progress: ProgressFn = no_progress,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """Attribution ``(N, C, H, W)`` of ``images`` ``(N, C, H, W)`` for ``targets`` ``(N,)`` by
-    ``method`` (an ``AttributionMethod`` params model), through the ``attribution`` kind."""
+    ``method`` (an ``AttributionMethod`` params model), through the ``attribution`` kind. The
+    job's ``batch_size``, when set, is also the attribution's chunk size."""
     from workers.explain.attribution import attribute
 
+    if batch_size is not None:
+        method = method.model_copy(update={"batch_size": batch_size})
     return attribute(model, images, targets, method, progress)
 
 
@@ -453,8 +506,8 @@ def analyse(
         imp = region_importance(render.to_2d(attributions[j], aggregation), grid)
         order = region_order(imp, params.order, rng_for(params.seed, index, STREAM_ORDER, grid.window))
         z = noise_image(images[j], params.noise, params, grid, space, index)
-        steps = torch.arange(grid.n + 1)
-        specs.append(SequenceSpec(images[j], z, pixel_ranks(grid, order), steps, int(targets[j])))
+        steps = np.arange(grid.n + 1)
+        specs.append(SequenceSpec(images[j], z, grid, region_ranks(order), steps, int(targets[j])))
         orders.append(order)
         importances.append(imp)
     predicted, prob = evaluate_sequences(
@@ -621,7 +674,9 @@ def run(
         attr = uploaded_attribution(attribution, n, c, (h, w)).to(inputs.images.device)
         source, aggregation = "uploaded", params.aggregation or "sum"
     else:
-        attr = compute_attribution(model, inputs.images, inputs.targets, params.attribution, progress)
+        attr = compute_attribution(
+            model, inputs.images, inputs.targets, params.attribution, progress, params.batch_size
+        )
         source, aggregation = params.attribution.method, params.aggregation or params.attribution.aggregation
     t1 = time.perf_counter()
     results = analyse(model, inputs.images, inputs.targets, attr, params, aggregation, progress)

@@ -51,9 +51,9 @@ from workers.explain.u_analysis import (
     compute_attribution,
     evaluate_sequences,
     noise_image,
-    pixel_ranks,
     region_importance,
     region_order,
+    region_ranks,
     rng_for,
     window_pixels,
 )
@@ -140,12 +140,13 @@ def run_sweep_chunk(
     keys, grid_cfgs = params.method_keys, configs(params)
     wins = window_sizes(params, (h, w))
     grids = {px: Grid(h, w, px) for px in set(wins)}
+    no_rank = {px: np.zeros(g.n, dtype=np.int32) for px, g in grids.items()}  # x_0 (step 0), x_N (step 1)
     space = PixelSpace.of(model.manifest.preprocessing, c)
     batch = params.batch_size or model.batch_size
 
     maps: dict[str, np.ndarray] = {}  # method key -> (n, H, W)
     for k, (key, method) in enumerate(zip(keys, params.methods, strict=True)):
-        attr = compute_attribution(model, images, labels.to(images.device), method)
+        attr = compute_attribution(model, images, labels.to(images.device), method, batch_size=params.batch_size)
         agg = params.aggregation or method.aggregation
         maps[key] = np.stack([render.to_2d(a, agg) for a in attr])
         progress(k + 1, len(keys), "attribution")
@@ -158,7 +159,7 @@ def run_sweep_chunk(
     for j in range(n):
         index, x, target = first_index + j, images[j], int(labels[j])
         x0_spec.append(len(specs))
-        specs.append(SequenceSpec(x, x, torch.zeros(h, w, dtype=torch.long), torch.tensor([0]), target))
+        specs.append(SequenceSpec(x, x, grids[wins[0]], no_rank[wins[0]], np.array([0]), target))
         z_rows: dict[bytes, int] = {}  # noise image digest -> spec index of its x_N row
         noise_of: dict[tuple[str, int], tuple[bytes, torch.Tensor]] = {}
         seqs: dict[tuple[int, bytes, bytes], int] = {}
@@ -173,7 +174,7 @@ def run_sweep_chunk(
                 noise_of[(cfg.noise, px)] = (digest, z)
                 if digest not in z_rows:
                     z_rows[digest] = len(specs)
-                    specs.append(SequenceSpec(x, z, torch.zeros(h, w, dtype=torch.long), torch.tensor([1]), target))
+                    specs.append(SequenceSpec(x, z, grid, no_rank[px], np.array([1]), target))
             digest, z = noise_of[(cfg.noise, px)]
             okey = ("" if cfg.order == "random" else cfg.method, cfg.order, px)
             if okey not in orders:
@@ -184,7 +185,7 @@ def run_sweep_chunk(
             if skey not in seqs:
                 if grid.n > 1:
                     seqs[skey] = len(specs)
-                    specs.append(SequenceSpec(x, z, pixel_ranks(grid, order), torch.arange(1, grid.n), target))
+                    specs.append(SequenceSpec(x, z, grid, region_ranks(order), np.arange(1, grid.n), target))
                 else:
                     seqs[skey] = -1
             row_plan.append((z_rows[digest], seqs[skey]))
