@@ -1,0 +1,238 @@
+"""Registered training sets as tensors, for influence functions and dataset-level sweeps.
+
+A model's manifest names its training set (``ModelManifest.training_set``):
+
+- ``{"kind": "builtin", "name": "sklearn-digits"}``: the training split of scikit-learn's
+  digits, fixed by ``workers.models.digits.load_split()`` (1,437 images ``(1, 8, 8)`` in
+  [0, 1], the scale ``digits-cnn`` was trained on).
+- ``{"kind": "imagefolder", "path": "train"}``: a torchvision ``ImageFolder`` directory
+  (``<path>/<class>/<image>``) relative to the model directory, preprocessed exactly like
+  the model's inputs (``workers.registry.preprocess``). A folder named like one of the
+  manifest's labels gets that label's index; otherwise, when there are as many folders as
+  labels, folders map to labels in sorted order (torchvision's convention).
+
+Each set has a ``fingerprint`` (sha256 of its contents, or of file names, sizes and
+modification times for folders) so caches keyed on it are invalidated when the data change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from schemas.errors import BadParams, JobFailure
+from schemas.models import ModelManifest, Preprocessing
+
+MAX_IN_MEMORY_BYTES = 1 << 30
+"""Folders whose preprocessed tensors exceed this are read from disk batch by batch."""
+
+
+@dataclass
+class TrainingSetData:
+    """``n`` labelled training images, preprocessed for one model.
+
+    labels:      ``(n,)`` int64 class indices into the manifest's labels.
+    fingerprint: content hash; identifies the set in caches.
+    source:      human-readable origin (``builtin:sklearn-digits``, ``imagefolder:/path``).
+    tensor:      ``(n, C, H, W)`` float32 normalised images when held in memory, else None.
+    paths:       image files (ImageFolder sets read lazily), else None.
+    """
+
+    labels: np.ndarray
+    fingerprint: str
+    source: str
+    tensor: torch.Tensor | None = None
+    paths: list[Path] | None = None
+    preprocessing: Preprocessing | None = None
+    _display: np.ndarray | None = field(default=None, repr=False)  # (n, H, W, 3) uint8
+
+    @classmethod
+    def from_tensors(
+        cls, images: torch.Tensor, labels: torch.Tensor | np.ndarray, source: str = "tensors",
+        display: np.ndarray | None = None,
+    ) -> TrainingSetData:
+        """A set held in memory: ``images (n, C, H, W)`` float, ``labels (n,)``; ``display``
+        ``(n, H, W, 3)`` uint8 (default: the images min-max scaled to grey or RGB)."""
+        x = images.detach().cpu().contiguous()
+        y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+        h = hashlib.sha256(source.encode())
+        h.update(x.numpy().tobytes())
+        h.update(y.tobytes())
+        if display is None and x.ndim == 4 and x.shape[1] in (1, 3):
+            a = x.numpy().transpose(0, 2, 3, 1)
+            lo, hi = float(a.min()), float(a.max())
+            a = np.round((a - lo) / (hi - lo if hi > lo else 1.0) * 255).astype(np.uint8)
+            display = np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
+        return cls(labels=y, fingerprint=h.hexdigest(), source=source, tensor=x, _display=display)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def images(self, index: np.ndarray | slice) -> torch.Tensor:
+        """Images ``(b, C, H, W)`` float32 (CPU) at ``index`` (a slice or an int array)."""
+        if self.tensor is not None:
+            if isinstance(index, slice):
+                return self.tensor[index]
+            return self.tensor[torch.as_tensor(np.asarray(index), dtype=torch.long)]
+        assert self.paths is not None and self.preprocessing is not None
+        idx = np.arange(len(self))[index]
+        x, _ = _read_images([self.paths[i] for i in idx], self.preprocessing)
+        return x
+
+    def batches(self, size: int, index: np.ndarray | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(start, images (b, C, H, W), labels (b,))`` chunks over ``index`` (default: all)."""
+        idx = np.arange(len(self)) if index is None else np.asarray(index)
+        labels = torch.from_numpy(self.labels)
+        for start in range(0, len(idx), size):
+            part = idx[start : start + size]
+            if index is None:
+                sl = slice(int(part[0]), int(part[-1]) + 1)
+                yield start, self.images(sl), labels[sl]
+            else:
+                yield start, self.images(part), labels[torch.from_numpy(part)]
+
+    def display(self, i: int) -> np.ndarray:
+        """Training image ``i`` as shown to a person: ``(H, W, 3)`` uint8."""
+        if self._display is not None:
+            return self._display[i]
+        if self.paths is None or self.preprocessing is None:  # not an image set: a grey tile
+            return np.full((8, 8, 3), 128, dtype=np.uint8)
+        _, disp = _read_images([self.paths[i]], self.preprocessing)
+        return disp[0]
+
+
+def _read_images(paths: list[Path], pre: Preprocessing) -> tuple[torch.Tensor, list[np.ndarray]]:
+    from PIL import Image, UnidentifiedImageError
+
+    from workers.registry import preprocess
+
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                img.load()
+                images.append(img.copy())
+        except (OSError, UnidentifiedImageError) as e:
+            raise JobFailure(f"training image {p} cannot be read: {e}", type="bad_training_set") from e
+    return preprocess(images, pre)
+
+
+def _digits() -> TrainingSetData:
+    from workers.models.digits import load_split
+
+    x, y, _, _ = load_split()
+    h = hashlib.sha256(b"sklearn-digits")
+    h.update(np.ascontiguousarray(x).tobytes())
+    h.update(np.ascontiguousarray(y).tobytes())
+    grey = np.round(x * 255).astype(np.uint8)
+    return TrainingSetData(
+        labels=y.astype(np.int64),
+        fingerprint=h.hexdigest(),
+        source="builtin:sklearn-digits",
+        tensor=torch.from_numpy(x)[:, None].contiguous(),
+        _display=np.repeat(grey[..., None], 3, axis=-1),
+    )
+
+
+BUILTIN = {"sklearn-digits": _digits}
+
+
+def _list_folder(root: Path, manifest: ModelManifest) -> tuple[list[Path], np.ndarray, str]:
+    """Image files, their label indices and the folder's fingerprint (no image is read)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    if not root.is_dir():
+        raise JobFailure(f"training set folder {root} of model {manifest.id!r} is missing", type="bad_training_set")
+    try:
+        classes, _ = find_classes(str(root))
+    except FileNotFoundError as e:
+        raise JobFailure(f"training set folder {root} has no class folders", type="bad_training_set") from e
+    if all(c in manifest.labels for c in classes):
+        class_to_idx = {c: manifest.labels.index(c) for c in classes}
+    elif len(classes) == len(manifest.labels):
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+    else:
+        raise JobFailure(
+            f"training set folder {root} has {len(classes)} class folders, which match the model's "
+            f"labels neither by name nor by count ({len(manifest.labels)})",
+            type="bad_training_set",
+        )
+    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+    if not samples:
+        raise JobFailure(f"training set folder {root} holds no images", type="bad_training_set")
+    paths = [Path(p) for p, _ in samples]
+    labels = np.array([c for _, c in samples], dtype=np.int64)
+    h = hashlib.sha256(manifest.preprocessing.model_dump_json().encode())
+    for p, c in zip(paths, labels, strict=True):
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\0{c}\n".encode())
+    return paths, labels, h.hexdigest()
+
+
+def _image_folder(root: Path, manifest: ModelManifest) -> TrainingSetData:
+    paths, labels, fingerprint = _list_folder(root, manifest)
+    data = TrainingSetData(
+        labels=labels,
+        fingerprint=fingerprint,
+        source=f"imagefolder:{root}",
+        paths=paths,
+        preprocessing=manifest.preprocessing,
+    )
+    c = 1 if manifest.preprocessing.mode == "L" else 3
+    hh, ww = manifest.preprocessing.size
+    if len(paths) * c * hh * ww * 4 <= MAX_IN_MEMORY_BYTES:
+        x, disp = _read_images(paths, manifest.preprocessing)
+        data.tensor, data._display = x, np.stack(disp)
+    return data
+
+
+_cache: dict[str, TrainingSetData] = {}
+_lock = threading.Lock()
+
+
+def load_training_set(manifest: ModelManifest, model_dir: Path | None) -> TrainingSetData:
+    """The training set registered in ``manifest``, preprocessed for the model (cached per
+    process while its fingerprint is unchanged).
+
+    ``model_dir`` is the model's directory (ImageFolder paths are relative to it); built-in
+    sets do not need it. A model without a training set -> ``BadParams``.
+    """
+    ts = manifest.training_set
+    if ts is None:
+        raise BadParams(
+            f"model {manifest.id!r} has no training set registered; influence functions need one "
+            "(add 'training_set' to its manifest: an ImageFolder directory or a built-in set)",
+            details={"model_id": manifest.id},
+        )
+    if ts.kind == "builtin":
+        if ts.name not in BUILTIN:
+            raise JobFailure(
+                f"model {manifest.id!r} names an unknown built-in training set {ts.name!r}",
+                type="bad_training_set",
+                details={"known": sorted(BUILTIN)},
+            )
+        key = f"builtin:{ts.name}"
+        with _lock:
+            if key not in _cache:
+                _cache[key] = BUILTIN[ts.name]()
+            return _cache[key]
+    if model_dir is None or not ts.path:
+        raise JobFailure(
+            f"model {manifest.id!r}: an ImageFolder training set needs its path and the model directory",
+            type="bad_training_set",
+        )
+    root = (model_dir / ts.path).resolve()
+    key = json.dumps([str(root), manifest.preprocessing.model_dump(mode="json"), manifest.labels])
+    with _lock:
+        cached = _cache.get(key)
+        # Re-list the folder every time (cheap): a changed file changes the fingerprint.
+        if cached is None or _list_folder(root, manifest)[2] != cached.fingerprint:
+            _cache[key] = _image_folder(root, manifest)
+        return _cache[key]
