@@ -173,8 +173,11 @@ def superpixel_mask(x: torch.Tensor, params: SuperpixelParams) -> torch.Tensor:
     a = x[0].detach().float().cpu().numpy().transpose(1, 2, 0)
     a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
     if a.shape[2] == 1:
-        labels = slic(a[:, :, 0], n_segments=params.n_segments, compactness=params.slic_compactness / 10,
-                      start_label=0, channel_axis=None)  # fmt: skip
+        # grey values span [0, 1] where SLIC's Lab colours span ~100: scale the compactness alike
+        compactness = params.slic_compactness / 100
+        labels = slic(
+            a[:, :, 0], n_segments=params.n_segments, compactness=compactness, start_label=0, channel_axis=None
+        )
     else:
         labels = slic(a, n_segments=params.n_segments, compactness=params.slic_compactness, start_label=0)
     uniq, ids = np.unique(labels, return_inverse=True)
