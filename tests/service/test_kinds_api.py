@@ -82,3 +82,17 @@ def test_small_u_sweep_on_digits_test_split(client):
     names = {a["name"] for a in view["artifacts"]}
     assert any(n.endswith(".csv") for n in names) and any(n.endswith(".png") for n in names)
     assert view["progress"]["total"] >= 1
+
+
+def test_influence_job_on_digits(client):
+    image, label = digit_png(9)
+    params = {"layers": ["fc"], "solver": "exact", "top_k": 4}
+    view = finished(client, submit(client, "influence", [image], "digits-cnn", params), timeout=600)
+    text = json.dumps(view["result"])
+    assert "fc" in text
+    names = {a["name"] for a in view["artifacts"]}
+    assert any(n.endswith(".npy") for n in names) and any(n.endswith(".png") for n in names)
+    scores = np.load(io.BytesIO(artifact(client, view, "scores.npy")))  # (images, layers + total, train points)
+    assert scores.shape[-1] == 1437 and np.isfinite(scores).all()
+    r = submit(client, "influence", [image], "efficientnet-lite0", params)
+    assert r.status_code == 422 or wait_for(client, r.json()["id"])[0]["error"]["type"] == "bad_params"

@@ -1192,9 +1192,9 @@ def run(
     labels = model.manifest.labels
     images = []
     artifacts = [
-        Artifact("scores.npy", npy_bytes(all_rows.astype(np.float32)), "application/octet-stream"),
+        Artifact("scores.npy", npy_bytes(all_rows.astype(np.float32)), "application/x-npy"),
         Artifact("class_means.npy", npy_bytes(class_means(all_rows, train.labels, len(labels)).astype(np.float32)),
-                 "application/octet-stream"),
+                 "application/x-npy"),
     ]
     for i in range(len(inputs)):
         target = int(inputs.targets[i])
