@@ -1,4 +1,4 @@
-"""What HTTP + Redis + RQ add to a predict, over calling the model in the worker process.
+"""What HTTP + Redis (+ the batching worker) add to a predict, over calling the model in the worker process.
 
 Starts its own redis-server (free port), one worker and the API (uvicorn), then times
 N sequential predicts of one digits-cnn image (a) through HTTP and (b) by calling the
@@ -88,7 +88,7 @@ def main() -> None:
         over = [a - d for a, d in zip(api_ms, direct_ms, strict=True)]
         print(f"predict on {args.model}, {args.n} sequential requests, one worker, CPU")
         print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}")
-        for name, xs in (("through HTTP+Redis+RQ", api_ms), ("direct in worker code", direct_ms),
+        for name, xs in (("through HTTP + Redis", api_ms), ("direct in worker code", direct_ms),
                          ("overhead (difference)", over)):  # fmt: skip
             print(f"{name:24}{pct(xs, 50):10.2f}{pct(xs, 95):10.2f}")
         print(f"overhead p50 {statistics.median(over):.2f} ms (target < 10 ms)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 PREFIX = "inspector"
 QUEUES = ("high", "default", "low")
-PREDICT_FUNC = "workers.tasks.predict"
 RUN_JOB_FUNC = "workers.tasks.run_job"
 HELP_JOB_FUNC = "workers.tasks.help_job"
 JOB_ENDED_FUNC = "workers.webhooks.job_ended_task"

@@ -29,7 +29,6 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(3600, gt=0, description="a job running longer is stopped and failed")
     result_ttl_s: int = Field(24 * 3600, gt=0, description="how long results and artifacts are kept")
     predict_timeout_s: float = Field(30.0, gt=0, description="how long a predict request waits")
-    predict_result_ttl_s: int = Field(60, gt=0)
 
     worker_heartbeat_s: float = Field(3.0, gt=0)
     worker_lost_after_s: float = Field(15.0, gt=0, description="a silent worker is presumed dead")

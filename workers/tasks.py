@@ -244,23 +244,3 @@ def top_predictions(probs: torch.Tensor, labels: list[str], top_k: int) -> list[
         )
         for vals, idxs in zip(values.cpu(), indices.cpu(), strict=True)
     ]
-
-
-def predict(payload: dict[str, Any]) -> dict[str, Any]:
-    """Synchronous predict: the reply (or error) is pushed onto ``reply_key`` for the waiting API."""
-    job = get_current_job()
-    assert job is not None
-    conn: Redis = job.connection
-    try:
-        pngs = fetch_inputs(conn, payload["inputs"])
-        reply: dict[str, Any] = predict_images(payload["model_id"], pngs, int(payload["top_k"])).model_dump()
-    except InspectorError as e:
-        reply = {"error": {"type": e.type, "message": e.message, "details": e.details, "status": e.status}}
-    except Exception as e:  # the waiting request must get an answer, not a timeout
-        log.exception("predict %s failed", job.id)
-        reply = {"error": {"type": "internal", "message": f"{type(e).__name__}: {e}", "status": 500}}
-    with conn.pipeline() as pipe:
-        pipe.rpush(keys.reply_key(job.id), json.dumps(reply))
-        pipe.expire(keys.reply_key(job.id), 60)
-        pipe.execute()
-    return {"ok": "error" not in reply}
