@@ -102,7 +102,9 @@ def _workers(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
     default_url = f"http://{settings.api_host}:{settings.api_port}"
-    parser = argparse.ArgumentParser(prog="inspector", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="inspector", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("run", help="start Redis, a worker and the API (Ctrl-C stops all)")

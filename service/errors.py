@@ -55,7 +55,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        type_ = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+        type_ = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
         response = _plain(exc.status_code, type_, str(exc.detail))
         response.headers.update(exc.headers or {})
         if exc.status_code == 405:  # Allow lists every route of the path (RFC 9110), not the first only

@@ -71,7 +71,9 @@ def test_unknown_model_job_artifact_kind_are_404(api):
     error_of(post_image(api, image, "/v1/models/nope/predict"), 404, "unknown_model")
     error_of(api.get("/v1/jobs/0123456789abcdef"), 404, "unknown_job")
     error_of(api.get("/v1/jobs/0123456789abcdef/artifacts/x.png"), 404, "unknown_job")
-    error_of(api.post("/v1/jobs/nope", files={"image": ("x", image)}, data={"model_id": "digits-cnn"}), 404, "not_found")
+    error_of(
+        api.post("/v1/jobs/nope", files={"image": ("x", image)}, data={"model_id": "digits-cnn"}), 404, "not_found"
+    )
     error_of(api.get("/v2/nothing"), 404, "not_found")
 
 
@@ -88,14 +90,17 @@ def test_bad_params_are_422(api, params):
 def test_missing_model_id_and_wrong_content_type(api):
     image, _ = digit_png(0)
     error_of(api.post("/v1/jobs/saliency", files={"image": ("x", image)}), 422, "bad_params")
-    error_of(api.post("/v1/jobs/saliency", content=b"x", headers={"content-type": "text/plain"}), 415, "unsupported_media_type")
+    error_of(
+        api.post("/v1/jobs/saliency", content=b"x", headers={"content-type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
     error_of(api.post("/v1/models/digits-cnn/predict", json={"image_base64": "!!notbase64"}), 400, "bad_image")
 
 
 def test_redis_down_is_503_with_retry_after_fast(settings):
-    from tests.conftest import free_port
-
     from service.main import create_app
+    from tests.conftest import free_port
 
     down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     image, _ = digit_png(0)

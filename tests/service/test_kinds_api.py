@@ -25,7 +25,12 @@ def artifact(client, view, name):
 
 def test_attribution_job_with_quality_score(client):
     image, label = digit_png(2)
-    params = {"method": "integrated_gradients", "n_steps": 16, "target": label, "sensitivity_max": {"n_perturb_samples": 4}}
+    params = {
+        "method": "integrated_gradients",
+        "n_steps": 16,
+        "target": label,
+        "sensitivity_max": {"n_perturb_samples": 4},
+    }
     view = finished(client, submit(client, "attribution", [image], "digits-cnn", params))
     summary = json.dumps(view["result"])
     assert "sensitivity_max" in summary

@@ -52,5 +52,7 @@ def test_predict_several_images_json_base64_and_top_k(client, chelsea):
 def test_predict_jpeg_and_grey_inputs(client, chelsea):
     grey = np.asarray(chelsea).mean(2).astype(np.uint8)
     for data in (png(chelsea, "JPEG", quality=90), png(grey)):
-        r = client.post("/v1/models/efficientnet-lite0/predict", files={"image": ("x", data, "application/octet-stream")})
+        r = client.post(
+            "/v1/models/efficientnet-lite0/predict", files={"image": ("x", data, "application/octet-stream")}
+        )
         assert r.status_code == 200, r.text
