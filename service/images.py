@@ -79,8 +79,7 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, EOFError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None
     buf = io.BytesIO()

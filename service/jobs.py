@@ -19,7 +19,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ValidationError
 from redis import Redis
@@ -170,9 +170,10 @@ def _idempotent_job(conn: Redis, options: SubmitOptions, job_id: str) -> Job | N
     prior = conn.get(keys.idempotency_key(options.tenant, _sha(options.idempotency_key.encode())))
     if prior is None:
         return None
-    if prior.decode() != job_id:
+    prior_id = prior.decode() if isinstance(prior, bytes) else str(prior)
+    if prior_id != job_id:
         raise IdempotencyKeyReused(
-            "this Idempotency-Key was already used for a different request", details={"job_id": prior.decode()}
+            "this Idempotency-Key was already used for a different request", details={"job_id": prior_id}
         )
     try:
         return Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
@@ -387,7 +388,7 @@ def artifact(conn: Redis, job: Job, name: str) -> tuple[bytes, str] | None:
     for a in (value or {}).get("artifacts", []):
         if a["name"] == name:
             data = conn.get(keys.artifact_key(job.id, name))
-            return (data, a["media_type"]) if data is not None else None
+            return (cast(bytes, data), a["media_type"]) if data is not None else None
     return None
 
 

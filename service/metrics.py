@@ -34,7 +34,7 @@ class RedisCollector:
                 depth.add_metric([name], queue(name, conn).count)
                 workers.add_metric([name], Worker.count(queue=queue(name, conn)))
             for field, value in conn.hgetall(keys.STATS_KEY).items():
-                parts = field.decode().split(":")
+                parts = (field.decode() if isinstance(field, bytes) else str(field)).split(":")
                 if parts[0] == "jobs" and len(parts) == 3:
                     jobs.add_metric(parts[1:], float(value))
                 elif parts[0] == "seconds" and len(parts) == 2:

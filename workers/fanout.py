@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 from redis import Redis
 
@@ -34,7 +35,7 @@ class ChunkBoard:
     def start(self, fingerprint: str) -> int:
         """(Re)fill the todo list with every chunk that has no result; returns how many.
         ``fingerprint`` identifies the plan: results of a different plan are discarded."""
-        if (self.conn.get(self.plan_key) or b"").decode() != fingerprint:
+        if cast(bytes, self.conn.get(self.plan_key) or b"").decode() != fingerprint:
             self.conn.delete(self.done)
         missing = [i for i in range(self.n) if not self.conn.hexists(self.done, str(i))]
         with self.conn.pipeline() as pipe:
@@ -51,7 +52,7 @@ class ChunkBoard:
         raw = self.conn.lpop(self.todo)
         if raw is None:
             return None
-        chunk = int(raw)
+        chunk = int(cast(bytes, raw))
         self.renew(chunk)
         return chunk
 
@@ -95,7 +96,7 @@ def work_through(
     while True:
         chunk = board.claim()
         if chunk is not None:
-            board.finish(chunk, compute(chunk, lambda c=chunk: board.renew(c)))
+            board.finish(chunk, compute(chunk, partial(board.renew, chunk)))
             on_chunk_done()
             continue
         if not wait_for_others or board.n_done() >= board.n:

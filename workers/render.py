@@ -74,7 +74,7 @@ def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize ``(h, w, 3)`` uint8 to ``size`` = (H, W) (nearest for tiny maps keeps cells crisp)."""
     if rgb.shape[:2] == size:
         return rgb
-    resample = Image.NEAREST if min(rgb.shape[:2]) < 32 else Image.BILINEAR
+    resample = Image.Resampling.NEAREST if min(rgb.shape[:2]) < 32 else Image.Resampling.BILINEAR
     return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), resample))
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -72,7 +72,7 @@ def fetch_inputs(conn: Redis, ids: list[str]) -> list[bytes]:
     data = conn.mget([keys.input_key(i) for i in ids])
     if any(d is None for d in data):
         raise JobFailure("the job's uploads expired before it ran", type="input_expired")
-    return data
+    return cast(list[bytes], data)
 
 
 def _fail(job: Job, error: InspectorError | JobCanceled | Exception) -> None:
