@@ -200,6 +200,7 @@ def bench_sweep(cache: Any, args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": round(wall, 2),
         "cpu_s (this process and its children)": round(cpu, 1),
         "load_avg_after": os.getloadavg(),
+        "stage_seconds (summed over chunks)": s["stage_seconds"],
         "evaluations": rows,
         "evaluations_without_sharing": naive,
         "forward_images_per_s": {str(b): round(r) for b, r in rates.items()},

@@ -130,7 +130,8 @@ def run_sweep_chunk(
     ``(n,)`` (the targets), image ``j`` seeded as number ``first_index + j``.
 
     Returns JSON-able ``{"version", "fingerprint", "first_index", "n_images", "n_correct",
-    "window_px", "with_u", "with_u_correct", "triples", "rows", "naive_rows", "seconds"}``,
+    "window_px", "with_u", "with_u_correct", "triples", "rows", "naive_rows", "seconds",
+    "stage_seconds"}``,
     the last lists of per-configuration counts in ``configs(params)`` order: images with a U,
     images with a U among those whose ``x_0`` is classified correctly, and U-triples.
     """
@@ -151,6 +152,7 @@ def run_sweep_chunk(
         maps[key] = np.stack([render.to_2d(a, agg) for a in attr])
         progress(k + 1, len(keys), "attribution")
 
+    t_attr = time.perf_counter()
     specs: list[SequenceSpec] = []
     # per image: row of x_0, and per config: (z row, interior spec index or -1, n regions)
     x0_spec: list[int] = []
@@ -192,7 +194,9 @@ def run_sweep_chunk(
         plan.append(row_plan)
     rows = sum(len(s.steps) for s in specs)
     progress(0, rows, "evaluating")
+    t_plan = time.perf_counter()
     predicted, _ = evaluate_sequences(model, specs, batch, progress, "evaluating", need_probability=False)
+    t_eval = time.perf_counter()
 
     starts = np.concatenate([[0], np.cumsum([len(s.steps) for s in specs])])
     with_u = np.zeros(len(grid_cfgs), dtype=np.int64)
@@ -227,6 +231,12 @@ def run_sweep_chunk(
         "rows": rows,
         "naive_rows": naive_rows,
         "seconds": round(time.perf_counter() - t0, 3),
+        "stage_seconds": {
+            "attribution": round(t_attr - t0, 3),
+            "planning": round(t_plan - t_attr, 3),
+            "evaluation": round(t_eval - t_plan, 3),
+            "counting": round(time.perf_counter() - t_eval, 3),
+        },
     }
 
 
@@ -312,6 +322,7 @@ def aggregate_sweep(partials: list[dict[str, Any]], params: USweepParams) -> Kin
         for v, pct in values.items():
             hp_writer.writerow([hp, v, pct])
     seconds = sum(p["seconds"] for p in partials)
+    stages = {k: round(sum(p["stage_seconds"][k] for p in partials), 3) for k in partials[0]["stage_seconds"]}
     evaluations = sum(p["rows"] for p in partials)
     summary = {
         "images": n,
@@ -323,6 +334,7 @@ def aggregate_sweep(partials: list[dict[str, Any]], params: USweepParams) -> Kin
         "evaluations": evaluations,
         "evaluations_without_sharing": sum(p["naive_rows"] for p in partials),
         "chunk_seconds": round(seconds, 3),
+        "stage_seconds": stages,
         "chunks": len(partials),
     }
     artifacts = [
