@@ -32,18 +32,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def time_passes(run: Callable[[], object], min_time: float) -> tuple[float, float, float]:
-    """(fastest, median) seconds per pass and minor page faults per pass: one warm-up, then
-    passes for ``min_time`` (3 at least)."""
+def time_passes(run: Callable[[], object], min_time: float) -> tuple[float, float, float, float]:
+    """Per pass: fastest and median wall seconds, minor page faults, CPU seconds (user + sys,
+    all threads). One warm-up, then passes for ``min_time`` seconds (3 at least)."""
     run()
     times: list[float] = []
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    before = resource.getrusage(resource.RUSAGE_SELF)
     while sum(times) < min_time or len(times) < 3:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return min(times), statistics.median(times), faults / len(times)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return min(times), statistics.median(times), (after.ru_minflt - before.ru_minflt) / len(times), cpu / len(times)
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,12 +83,16 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 row = {"eager": time_passes(lambda x=x, f=eager: f(x), args.min_time)}
                 for n, fwd in sessions.items():
                     row[f"onnx{n}"] = time_passes(lambda x=x, fwd=fwd: fwd(x), args.min_time)
-                res["forward"][bs] = {k: (bs / best, bs / med, flt) for k, (best, med, flt) in row.items()}
+                res["forward"][bs] = {k: per_image(bs, *v) for k, v in row.items()}
                 if bs <= args.max_grad_batch:
-                    best, med, flt = time_passes(lambda x=x, g=grad: g(x), args.min_time)
-                    res["grad"][bs] = (bs / best, bs / med, flt)
+                    res["grad"][bs] = per_image(bs, *time_passes(lambda x=x, g=grad: g(x), args.min_time))
         out[model_id] = res
     return out
+
+
+def per_image(bs: int, best: float, med: float, faults: float, cpu: float) -> tuple[float, float, float, float]:
+    """(images/s fastest pass, images/s median pass, page faults per pass, CPU ms per image)."""
+    return bs / best, bs / med, faults, 1000 * cpu / bs
 
 
 def main() -> None:
@@ -159,6 +164,14 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
             cells = [f"{a['eager'][2]:>9.0f} -> {b['eager'][2]:>8.0f}", f"{a[onnx][2]:>9.0f} -> {b[onnx][2]:>8.0f}"]
             if str(bs) in p["grad"]:
                 cells.append(f"{p['grad'][str(bs)][2]:>9.0f} -> {t['grad'][str(bs)][2]:>8.0f}")
+            print(f"{bs:>5} | " + " ".join(cells))
+        print("\nCPU ms per image (user + sys of all threads), glibc default -> ALLOCATOR_ENV")
+        print(f"{'batch':>5} | {'eager forward':>21} {'ONNX forward':>21} {'eager fwd+bwd':>21}")
+        for bs in args.batches:
+            a, b = p["forward"][str(bs)], t["forward"][str(bs)]
+            cells = [f"{a['eager'][3]:>9.1f} -> {b['eager'][3]:>8.1f}", f"{a[onnx][3]:>9.1f} -> {b[onnx][3]:>8.1f}"]
+            if str(bs) in p["grad"]:
+                cells.append(f"{p['grad'][str(bs)][3]:>9.1f} -> {t['grad'][str(bs)][3]:>8.1f}")
             print(f"{bs:>5} | " + " ".join(cells))
         print("\nONNX Runtime intra-op threads (ALLOCATOR_ENV; 0 = ORT's default)")
         print(f"{'batch':>5} | " + " ".join(f"{'threads ' + str(n):>17}" for n in args.threads))
