@@ -173,10 +173,13 @@ class PixelSpace:
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b.to(x.device)) / self.a.to(x.device)
 
+    def pixels_np(self, x: torch.Tensor) -> np.ndarray:
+        """``to_pixels`` in numpy (one thread: small element-wise ops stay cheap on a busy CPU)."""
+        return (x.detach().float().cpu().numpy() - self.b.numpy()) / self.a.numpy()
+
     def to_uint8(self, x: torch.Tensor) -> np.ndarray:
         """``(C, H, W)`` model input -> ``(H, W, 3)`` uint8 for display (grey replicated)."""
-        u = self.to_pixels(x.detach().float().cpu()).clamp(0, 1)
-        rgb = (u * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        rgb = (np.clip(self.pixels_np(x), 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
         return np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb[:, :, :3]
 
 
@@ -225,10 +228,11 @@ def noise_image(
     """The replacement image ``(C, H, W)`` in the model's input space for the model input ``x``
     ``(C, H, W)`` of image number ``index`` (random noise from ``rng_for(seed, index,
     STREAM_NOISE)``)."""
-    u = space.to_pixels(x.detach().float().cpu()).numpy()
-    space_mean = space.to_pixels(torch.zeros(x.shape[0], 1, 1)).numpy().ravel()
+    u = space.pixels_np(x)
+    space_mean = space.pixels_np(torch.zeros(x.shape[0], 1, 1)).ravel()
     z = noise_pixels(u, noise, params, grid, space_mean, rng_for(params.seed, index, STREAM_NOISE))
-    return space.to_model(torch.from_numpy(z)).to(device=x.device, dtype=x.dtype)
+    z = z * space.a.numpy() + space.b.numpy()
+    return torch.from_numpy(z.astype(np.float32)).to(device=x.device, dtype=x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
