@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +81,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             gen = torch.Generator().manual_seed(0)
             for bs in args.batches:
                 x = torch.randn((bs, *shape), generator=gen)
-                row = {"eager": time_passes(lambda x=x, f=eager: f(x), args.min_time)}
+                row = {"eager": time_passes(partial(eager, x), args.min_time)}
                 for n, fwd in sessions.items():
-                    row[f"onnx{n}"] = time_passes(lambda x=x, fwd=fwd: fwd(x), args.min_time)
+                    row[f"onnx{n}"] = time_passes(partial(fwd, x), args.min_time)
                 res["forward"][bs] = {k: per_image(bs, *v) for k, v in row.items()}
                 if bs <= args.max_grad_batch:
-                    res["grad"][bs] = per_image(bs, *time_passes(lambda x=x, g=grad: g(x), args.min_time))
+                    res["grad"][bs] = per_image(bs, *time_passes(partial(grad, x), args.min_time))
         out[model_id] = res
     return out
 
