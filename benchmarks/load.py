@@ -87,7 +87,7 @@ def forward_limit(model_id: str, image: bytes, batch: int, seconds: float, env: 
     s = Settings(**{k[len("INSPECTOR_"):].lower(): v for k, v in env.items() if k.startswith("INSPECTOR_")})
     if s.intra_op_threads:
         torch.set_num_threads(s.intra_op_threads)
-    model = ModelCache(s.models_dir, s.cache_dir, s.device, onnx=s.onnx_engine).get(model_id)
+    model = ModelCache.from_settings(s).get(model_id)
     x, _ = preprocess([decode(image)] * batch, model.manifest.preprocessing)
     forward_in_chunks(model, x)  # warm-up
     out = {"engine": model.engine_name, "chunk": model.batch_size}

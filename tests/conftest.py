@@ -14,6 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("INSPECTOR_TEST_MODELS_DIR", ROOT / "var" / "test-models"))
+# Exported ONNX models and measured batch sizes, kept between runs (keyed by model version).
+TEST_CACHE_DIR = ROOT / "var" / "test-cache"
 
 
 def write_resnet18_random(models_dir: Path) -> None:
@@ -55,10 +57,10 @@ def models_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_cache(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def model_cache(models_dir: Path):
     from workers.registry import ModelCache
 
-    return ModelCache(models_dir, tmp_path_factory.mktemp("cache"), device="cpu")
+    return ModelCache(models_dir, TEST_CACHE_DIR, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -129,13 +131,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def settings(redis_server: RedisServer, models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def settings(redis_server: RedisServer, models_dir: Path):
     from schemas.settings import Settings
 
     return Settings(
         redis_url=redis_server.url,
         models_dir=models_dir,
-        cache_dir=tmp_path_factory.mktemp("worker-cache"),
+        cache_dir=TEST_CACHE_DIR,
         device="cpu",
         predict_timeout_s=60,
         worker_heartbeat_s=1,

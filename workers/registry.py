@@ -27,6 +27,7 @@ from torch import nn
 from schemas.errors import BadParams, JobFailure
 from schemas.manifests import MANIFEST, ModelEntry, ModelRegistry, file_sha256
 from schemas.models import ModelManifest, Preprocessing, TrainingSet
+from schemas.settings import Settings
 from workers.explain.base import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -197,14 +198,21 @@ def preprocess(images: list[Image.Image], pre: Preprocessing) -> tuple[torch.Ten
 class ModelCache:
     """Loaded models of one worker process, keyed by (id, version); loads each once."""
 
-    def __init__(self, models_dir: Path, cache_dir: Path, device: str = "auto", onnx: bool = True) -> None:
+    def __init__(
+        self, models_dir: Path, cache_dir: Path, device: str = "auto", onnx: bool = True, intra_op_threads: int = 0
+    ) -> None:
         self.models_dir = models_dir
         self.registry = ModelRegistry(models_dir)
         self.cache_dir = cache_dir
         self.device = resolve_device(device)
         self.onnx = onnx
+        self.intra_op_threads = intra_op_threads
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ModelCache:
+        return cls(s.models_dir, s.cache_dir, s.device, onnx=s.onnx_engine, intra_op_threads=s.intra_op_threads)
 
     def get(self, model_id: str, version: str | None = None) -> LoadedModel:
         entry = self.registry.get(model_id)
@@ -224,7 +232,9 @@ class ModelCache:
         from workers.engine import build_engine
 
         module = build_module(entry).to(self.device)
-        engine = build_engine(module, entry, self.cache_dir, self.device, use_onnx=self.onnx)
+        engine = build_engine(
+            module, entry, self.cache_dir, self.device, use_onnx=self.onnx, intra_op_threads=self.intra_op_threads
+        )
         log.info("loaded %s (%s) on %s with %s", entry.manifest.id, entry.version[:12], self.device, engine.name)
         return LoadedModel(
             manifest=entry.manifest,

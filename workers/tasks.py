@@ -41,8 +41,7 @@ def model_cache() -> ModelCache:
     """The process-wide model cache (models stay loaded between jobs: workers do not fork)."""
     global _models
     if _models is None:
-        s = get_settings()
-        _models = ModelCache(s.models_dir, s.cache_dir, s.device, onnx=s.onnx_engine)
+        _models = ModelCache.from_settings(get_settings())
     return _models
 
 
