@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -112,6 +113,7 @@ def bench_lite0(cache: Any, repeats: int) -> dict[str, Any]:
         for i in range(0, n_rows, batch):
             model.forward(rows[i : i + batch])
 
+    stub = dataclasses.replace(model, forward=lambda b: torch.zeros(len(b), model.num_classes))
     for noise in ("zeros", "gaussian", "blur"):
         params = UAnalysisParams(window_fraction=0.10, order="decreasing", noise=noise, batch_size=best_b)
         at_engine = params.model_copy(update={"batch_size": None})
@@ -128,10 +130,14 @@ def bench_lite0(cache: Any, repeats: int) -> dict[str, Any]:
                 limit = median_time(lambda: limit_run(best_b), 1)
                 ratios[name].append(median_time(fn, 1) / limit)
                 limits.append(limit)
+        # what the analysis adds to the forward passes, measured with the forward stubbed out
+        overhead = median_time(lambda p=params, a=agg: ua.analyse(stub, x, inputs.targets, attr, p, a), repeats)
         out["cases"].append(
             {
                 "noise": noise,
                 "images": n_rows,
+                "overhead_s (forward stubbed)": round(overhead, 4),
+                "overhead_over_limit (median limit)": round(overhead / statistics.median(limits), 3),
                 "forward_limit_s (median)": round(statistics.median(limits), 3),
                 **{f"{k}_ratio (median)": round(statistics.median(v), 3) for k, v in ratios.items()},
                 **{f"{k}_ratios": [round(r, 3) for r in v] for k, v in ratios.items()},
@@ -187,7 +193,7 @@ def bench_sweep(cache: Any, args: argparse.Namespace) -> dict[str, Any]:
             p = UAnalysisParams(window_px=wins[i % len(wins)], order=cfg.order, noise=cfg.noise, seed=params.seed)  # type: ignore[arg-type]
             a = ua.compute_attribution(model, images[j : j + 1], labels[j : j + 1], m)
             ua.analyse(model, images[j : j + 1], labels[j : j + 1], a, p, m.aggregation, first_index=j)
-    plain_per_image = (time.perf_counter() - t1) / k
+    plain_per_image = (time.perf_counter() - t1) / k if k else float("nan")
     plain_total = plain_per_image * s["images"]
     return {
         "model": "digits-cnn",

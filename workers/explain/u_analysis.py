@@ -334,15 +334,25 @@ def evaluate_sequences(
     on_cpu = device.type == "cpu"
     if on_cpu:  # numpy: one thread, no OpenMP barrier per small op on a busy CPU
         x_np, z_np = x_pool.detach().numpy(), z_pool.detach().numpy()
+    else:
+        rank_pool_t, label_pool_t = torch.from_numpy(rank_pool).to(device), torch.from_numpy(label_pool).to(device)
 
     def rows_of(sl: slice) -> torch.Tensor:
-        ix, iz, ir, ig = row_ids[sl].T
-        mask = np.take_along_axis(rank_pool[ir], label_pool[ig], 1) < row_step[sl, None]
-        mask = mask.reshape(-1, 1, *shape[1:])
-        if on_cpu:
-            return torch.from_numpy(np.where(mask, z_np[iz], x_np[ix]))
-        t = torch.from_numpy(mask).to(device)
-        return torch.where(t, z_pool[torch.from_numpy(iz).to(device)], x_pool[torch.from_numpy(ix).to(device)])
+        ids, steps = row_ids[sl], row_step[sl]
+        if not on_cpu:
+            ix, iz, ir, ig = (torch.from_numpy(a).to(device) for a in ids.T)
+            pixel_rank = torch.gather(rank_pool_t[ir], 1, label_pool_t[ig])
+            mask = (pixel_rank < torch.from_numpy(steps).to(device)[:, None]).view(-1, 1, *shape[1:])
+            return torch.where(mask, z_pool[iz], x_pool[ix])
+        # runs of rows from the same sequence share x, z and the pixel ranks: broadcast them
+        out = np.empty((len(ids), *shape), dtype=x_np.dtype)
+        cuts = np.flatnonzero((ids[1:] != ids[:-1]).any(1)) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(ids)], strict=True):
+            ix, iz, ir, ig = ids[a]
+            pixel_rank = rank_pool[ir][label_pool[ig]].reshape(1, 1, *shape[1:])
+            out[a:b] = x_np[ix]
+            np.copyto(out[a:b], z_np[iz], where=pixel_rank < steps[a:b, None, None, None])
+        return torch.from_numpy(out)
 
     predicted = np.empty(total, dtype=np.int64)
     prob = np.full(total, np.nan, dtype=np.float32)
