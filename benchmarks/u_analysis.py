@@ -106,7 +106,8 @@ def bench_lite0(cache: Any, repeats: int) -> dict[str, Any]:
         "attribution_s (saliency)": round(t_attr, 3),
         "cases": [],
     }
-    n_rows = ua.Grid(*shape[1:], ua.window_pixels(shape[1:], None, 0.10)).n + 1  # type: ignore[arg-type]
+    h, w = int(shape[1]), int(shape[2])
+    n_rows = ua.Grid(h, w, ua.window_pixels((h, w), None, 0.10)).n + 1
     rows = torch.randn(n_rows, *shape)
 
     def limit_run(batch: int) -> None:  # the N+1 images alone through the engine

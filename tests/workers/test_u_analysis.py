@@ -15,7 +15,7 @@ from torch import nn
 
 from schemas.errors import BadParams
 from schemas.models import ModelManifest, Preprocessing
-from schemas.u_analysis import UAnalysisParams
+from schemas.u_analysis import NoiseParams, UAnalysisParams
 from workers.explain import u_analysis as ua
 from workers.explain.base import Inputs, LoadedModel, no_progress
 
@@ -90,7 +90,7 @@ def test_finds_exactly_the_u_built_into_the_model() -> None:
     model = u_model()
     x = torch.ones(1, 1, 4, 4)
     # importance A > B > C > D: decreasing order removes A, then B, then C, D
-    attribution = sum(v * m for v, m in zip([4.0, 3.0, 2.0, 1.0], quadrant_masks(), strict=True))
+    attribution = torch.stack([v * m for v, m in zip([4.0, 3.0, 2.0, 1.0], quadrant_masks(), strict=True)]).sum(0)
     params = UAnalysisParams(window_px=2, order="decreasing", noise="zeros")
     result = ua.run(model, inputs_of(model, x, [0]), params, no_progress, attribution=attribution.numpy())
 
@@ -125,7 +125,7 @@ def test_finds_exactly_the_u_built_into_the_model() -> None:
 def test_the_u_depends_on_the_order() -> None:
     model = u_model()
     x = torch.ones(1, 1, 4, 4)
-    attribution = sum(v * m for v, m in zip([4.0, 3.0, 2.0, 1.0], quadrant_masks(), strict=True))
+    attribution = torch.stack([v * m for v, m in zip([4.0, 3.0, 2.0, 1.0], quadrant_masks(), strict=True)]).sum(0)
     # increasing: D, C, B, A; B goes before A, so the model never sees B without A
     params = UAnalysisParams(window_px=2, order="increasing", noise="zeros")
     result = ua.run(model, inputs_of(model, x, [0]), params, no_progress, attribution=attribution.numpy())
@@ -165,7 +165,7 @@ def reference_u_analysis(
     window: int,
     order: str,
     noise: str,
-    params: UAnalysisParams,
+    params: NoiseParams,
     index: int,
 ) -> tuple[list[int], list[float], list[dict]]:
     """Algorithm 1 written out as the authors' code does it, on a digits image ``x`` ``(1, 8, 8)``
