@@ -596,7 +596,7 @@ def _upscale(rgb: np.ndarray, min_side: int = 128) -> tuple[np.ndarray, int]:
 
 def strip_png(result: UResult, x: torch.Tensor, z: torch.Tensor, space: PixelSpace, labels: list[str]) -> bytes:
     """Rows of ``x_left | x_middle | x_right`` (the paper's pick of middle), one per U (at most
-    ``MAX_STRIP_ROWS``), suppressor patches outlined in the middle image."""
+    ``MAX_STRIP_ROWS``), the patches present in ``x_middle`` but not in ``x_right`` outlined."""
     from PIL import Image, ImageDraw
 
     ranks = pixel_ranks(result.grid, result.order)
@@ -617,8 +617,8 @@ def strip_png(result: UResult, x: torch.Tensor, z: torch.Tensor, space: PixelSpa
                 f"x_{step}: {name[:18]} ({result.target_probability[step]:.2f})",
                 fill="green" if p == result.target else "red",
             )
-            if col == 1:
-                for r in t["suppressors"]:
+            if col == 1:  # the paper's suppressors of this middle: in x_middle, not in x_right
+                for r in result.order[t["middle"] : t["right"]]:
                     top, left, bottom, right = result.grid.box(r)
                     d.rectangle((4 + left * k, 18 + top * k, 4 + right * k - 1, 18 + bottom * k - 1), outline="orange")
             tiles.append(tile)
