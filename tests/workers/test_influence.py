@@ -14,10 +14,67 @@ from torch import nn
 
 from schemas.errors import BadParams, UnsupportedMethod
 from schemas.influence import InfluenceParams
-from tests.workers.influence_helpers import hand_model, pearson, softmax_regression_influence
+from schemas.models import ModelManifest, Preprocessing
 from workers.datasets import TrainingSetData, load_training_set
 from workers.explain import influence as inf
-from workers.explain.base import Inputs, no_progress
+from workers.explain.base import Inputs, LoadedModel, no_progress
+
+
+def hand_model(module: nn.Module, num_classes: int, version: str, size: tuple[int, int] = (8, 8)) -> LoadedModel:
+    """A ``LoadedModel`` around a hand-built module (eval mode, frozen, eager forward)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    manifest = ModelManifest(
+        id="hand-built",
+        architecture="torchvision",
+        weights="none.safetensors",
+        preprocessing=Preprocessing(size=size, mode="L", mean=[0.0], std=[1.0]),
+        labels=[f"c{k}" for k in range(num_classes)],
+    )
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(x)
+
+    return LoadedModel(manifest, version, module, torch.device("cpu"), forward, batch_size=64, grad_batch_size=64)
+
+
+def softmax_regression_influence(
+    w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray, damping: float
+) -> np.ndarray:
+    """Closed-form influence for logits = W x + b (float64): per-example Jacobian
+    ``J_i[k, k*D + j] = x_ij``, ``J_i[k, K*D + k] = 1`` for theta = (vec W, b); the Hessian of
+    the mean cross-entropy is ``mean_i J_i^T (diag p_i - p_i p_i^T) J_i`` (logits are linear
+    in theta); scores ``(T, n)`` = ``g_t^T (H + damping I)^-1 g_i``."""
+    k, d = w.shape
+
+    def jac(xi: np.ndarray) -> np.ndarray:
+        j = np.zeros((k, k * d + k))
+        for c in range(k):
+            j[c, c * d : (c + 1) * d] = xi
+            j[c, k * d + c] = 1.0
+        return j
+
+    def probs(xi: np.ndarray) -> np.ndarray:
+        z = w @ xi + b
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    size = k * d + k
+    h = np.zeros((size, size))
+    g_train = []
+    for xi, yi in zip(x, y, strict=True):
+        j, p = jac(xi), probs(xi)
+        h += j.T @ (np.diag(p) - np.outer(p, p)) @ j
+        g_train.append(j.T @ (p - np.eye(k)[yi]))
+    h = h / len(x) + damping * np.eye(size)
+    g_test = np.stack([jac(xi).T @ (probs(xi) - np.eye(k)[yi]) for xi, yi in zip(xt, yt, strict=True)])
+    return g_test @ np.linalg.solve(h, np.stack(g_train).T)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,8 +165,8 @@ def test_duplicate_training_point_ranks_first():
     x = centres[y] + 0.5 * torch.randn(30, 2, generator=g)
     j = 11
     x[j] = torch.tensor([0.4, 1.0])  # a class-1 point close to the boundary
-    net = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 2))
     torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 2))
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
     for _ in range(300):
         opt.zero_grad()

@@ -86,7 +86,7 @@ JACOBIAN_BYTES = 768 << 20
 they fit: GGN products then cost two matrix products instead of a pass through the model."""
 ORTHOGONALITY_TOL = 1e-6
 """Arnoldi basis vectors are kept while ``|Q^T Q - I|`` stays below this."""
-EIGVALSH_MAX_PARAMS = 1500
+EIGVALSH_MAX_PARAMS = 512
 """Up to this size the exact solver computes the full spectrum; above, a Lanczos estimate."""
 
 

@@ -95,13 +95,14 @@ def styled(rgb: np.ndarray, source: str, strength: float) -> np.ndarray:
     """Reinhard colour transfer to a scikit-image picture plus that picture's fine detail."""
     from skimage.color import lab2rgb, rgb2gray, rgb2lab
     from skimage.filters import gaussian
-    from skimage.transform import resize
 
     h, w = rgb.shape[:2]
     pic = _skimage_picture(source)
     if pic.ndim == 2:
         pic = np.repeat(pic[..., None], 3, axis=-1)
-    pic = resize(pic[..., :3], (h, w), anti_aliasing=True)  # float in [0, 1]
+    # PIL's Lanczos reduction: as good as a Gaussian anti-aliasing filter here, and far faster
+    # on the large pictures (a 1000 px photo to a few pixels).
+    pic = np.asarray(Image.fromarray(pic[..., :3].astype(np.uint8)).resize((w, h), Image.Resampling.LANCZOS)) / 255.0
     lab, plab = rgb2lab(rgb / 255.0), rgb2lab(pic)
     mu, sd = lab.reshape(-1, 3).mean(0), lab.reshape(-1, 3).std(0) + 1e-6
     pmu, psd = plab.reshape(-1, 3).mean(0), plab.reshape(-1, 3).std(0)
