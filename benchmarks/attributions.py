@@ -169,6 +169,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = as torch chooses)")
     ap.add_argument("--no-captum", action="store_true", help="skip the direct Captum runs")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per throughput measurement")
+    ap.add_argument(
+        "--batch-sizes",
+        choices=["engine", "measured"],
+        default="engine",
+        help="chunk sizes: the engine's (as a worker runs) or the best measured in this run",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs per method and side; the fastest counts")
     ap.add_argument("--json", type=Path, help="write the table here too")
     ap.add_argument("--default-allocator", action="store_true", help="do not re-exec with ALLOCATOR_ENV")
@@ -207,6 +213,8 @@ def main() -> None:
     fwd_ips, fwd_bs = best_throughput(lambda b: model.forward(b.to(dev)), shape, sizes, args.min_time)
     grad = eager_grad_pass(model.module)
     grad_ips, grad_bs = best_throughput(lambda b: grad(b.to(dev)), shape, sizes[:4], args.min_time)
+    if args.batch_sizes == "measured":
+        model = dataclasses.replace(model, batch_size=fwd_bs, grad_batch_size=grad_bs)
     print(f"# {args.model} {shape} on {dev} (torch threads {torch.get_num_threads()}), engine {model.engine_name} "
           f"(batch {model.batch_size}, grad batch {model.grad_batch_size}), loaded in {load_s:.1f} s")  # fmt: skip
     print(
