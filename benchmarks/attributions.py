@@ -106,9 +106,12 @@ def captum_default(model: Any, module: Any, x: Any, t: Any, p: Any) -> Any:
     if m == "noise_tunnel":
         nt = ca.NoiseTunnel(ca.IntegratedGradients(module))
         stdev = p.noise_level * input_range(model.manifest)
+        # nt_samples_batch_size=1: Captum's default (all samples at once) hands IG
+        # nt_samples x n_steps images in one batch (500 at the defaults: tens of GB)
         return nt.attribute(
-            xs, nt_type=p.nt_type, nt_samples=p.nt_samples, stdevs=stdev, baselines=base, target=t, n_steps=p.n_steps
-        )
+            xs, nt_type=p.nt_type, nt_samples=p.nt_samples, nt_samples_batch_size=1, stdevs=stdev,
+            baselines=base, target=t, n_steps=p.n_steps,
+        )  # fmt: skip
     dist = None
     if hasattr(p, "baselines"):
         dist = torch_cat(
