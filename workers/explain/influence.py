@@ -35,10 +35,11 @@ Solvers of ``(C_l + damping I) x = g_l(z_t)``, each reporting its final relative
   the residual or on negative curvature (``p^T A p <= 0``, flagged).
 - ``lissa``: the recursion of Agarwal et al. (2017) used by Koh and Liang (2017, Sec. 3):
   ``h_j = g + (I - (C_batch + damping I) / scale) h_{j-1}``, ``x = h_depth / scale``, averaged
-  over ``repeats``, each step on a random mini-batch; the iterates of the last ``lissa_tail``
-  fraction of the recursion are averaged (Polyak-Ruppert averaging: same fixed point, far less
-  mini-batch noise; ``lissa_tail=0`` is Koh and Liang's last iterate). ``scale`` defaults to twice the largest
-  eigenvalue found by power iteration (the recursion needs ``eig(A) / scale`` in (0, 2)).
+  over ``repeats``, each step on a mini-batch (drawn without replacement, reshuffled on each
+  pass over the subset). The iterates of the last ``lissa_tail`` fraction of the recursion
+  are averaged (Polyak-Ruppert averaging: the same fixed point with far less mini-batch
+  noise; ``lissa_tail=0`` is Koh and Liang's last iterate). ``scale`` defaults to twice the
+  largest eigenvalue found by power iteration (the recursion needs ``eig(A) / scale`` in (0, 2)).
 - ``arnoldi``: Schioppa et al. (2022, "Scaling up influence functions"): captum.influence's
   Arnoldi iteration (``_parameter_arnoldi``, the routine behind ``ArnoldiInfluenceFunction``)
   finds a Krylov subspace; its top ``arnoldi_rank`` Ritz pairs ``(lambda_i, v_i)`` give
@@ -272,21 +273,21 @@ class LayerCurvature:
 
         return vmap(column, in_dims=1, out_dims=1)(v)
 
-    def _jacobian_product(self, v: torch.Tensor, rows: np.ndarray | None) -> torch.Tensor:
+    def _jacobian_product(self, v: torch.Tensor, rows: slice | None) -> torch.Tensor:
         assert self.jac is not None and self.probs is not None
-        j = self.jac if rows is None else self.jac[torch.as_tensor(rows, device=self.jac.device)]
-        p = (self.probs if rows is None else self.probs[torch.as_tensor(rows, device=self.probs.device)])[:, :, None]
+        j = self.jac if rows is None else self.jac[rows]  # a slice: a view, no copy
+        p = (self.probs if rows is None else self.probs[rows])[:, :, None]
         m, k, size = j.shape
         jm = j.reshape(m * k, size)
         ju = (jm @ v.to(j.dtype)).reshape(m, k, -1)
         h = p * ju - p * (p * ju).sum(1, keepdim=True)
         return (h.reshape(m * k, -1).T @ jm).T.to(v.dtype)  # (h^T J)^T: faster than J^T h on CPU BLAS
 
-    def apply(self, v: torch.Tensor, rows: np.ndarray | None = None, damped: bool = True) -> torch.Tensor:
+    def apply(self, v: torch.Tensor, rows: slice | None = None, damped: bool = True) -> torch.Tensor:
         """``(C + damping I) v`` for ``v`` ``(P, m)``, ``C`` averaged over the subset, or over
-        its ``rows`` (positions in the subset, e.g. a LiSSA mini-batch); ``damped=False``
-        leaves the damping out."""
-        count = len(self.index) if rows is None else len(rows)
+        its ``rows`` (a slice of positions in the subset, e.g. a LiSSA mini-batch);
+        ``damped=False`` leaves the damping out."""
+        count = len(self.index) if rows is None else len(range(len(self.index))[rows])
         if self.jac is not None:
             out = self._jacobian_product(v, rows)
         else:
@@ -297,6 +298,15 @@ class LayerCurvature:
         self.points_processed += count * v.shape[1]
         out = out / count
         return out + self.damping * v if damped else out
+
+    def permuted(self, perm: np.ndarray) -> LayerCurvature:
+        """The same curvature with the subset in the order ``perm`` (one copy of the
+        Jacobians), so that mini-batches are contiguous slices."""
+        t = None if self.jac is None else torch.as_tensor(perm, device=self.jac.device)
+        return LayerCurvature(
+            self.fn, self.train, self.index[perm], self.kind, self.damping, self.chunk, self.device,
+            None if self.jac is None else self.jac[t], None if self.probs is None else self.probs[t],
+        )
 
     def explicit(self, progress: Callable[[int, int], None]) -> torch.Tensor:
         """The undamped matrix ``C`` ``(P, P)``."""
@@ -376,20 +386,24 @@ def relative_residual(curv: LayerCurvature, x: torch.Tensor, b: torch.Tensor) ->
 
 
 def _lanczos_extremes(matvec: Callable[[np.ndarray], np.ndarray], size: int, seed: int) -> tuple[float, float]:
-    """Smallest and largest eigenvalue estimates of a symmetric operator (ARPACK's Lanczos;
-    the smallest is an upper bound on the true one, so a negative value proves indefiniteness)."""
+    """Smallest and largest eigenvalue estimates of a symmetric operator: ARPACK's Lanczos for
+    both ends at once (Ritz values lie inside the spectrum, so a negative smallest one proves
+    indefiniteness); small operators are materialised and solved exactly."""
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
+    if size <= 64:
+        dense = np.stack([matvec(e) for e in np.eye(size)], axis=1)
+        w = np.linalg.eigvalsh((dense + dense.T) / 2)
+        return float(w[0]), float(w[-1])
     op = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
     v0 = np.random.default_rng(seed).standard_normal(size)
-    out = []
-    for which in ("SA", "LA"):
-        try:
-            w = eigsh(op, k=1, which=which, v0=v0, ncv=min(size, 24), maxiter=8, tol=1e-3, return_eigenvectors=False)
-            out.append(float(w[0]))
-        except ArpackNoConvergence as e:
-            out.append(float(e.eigenvalues[0]) if len(e.eigenvalues) else float("nan"))
-    return out[0], out[1]
+    try:
+        w = eigsh(op, k=2, which="BE", v0=v0, ncv=min(size, 32), maxiter=6, tol=1e-3, return_eigenvectors=False)
+    except ArpackNoConvergence as e:
+        w = e.eigenvalues
+    if len(w) == 0:
+        return float("nan"), float("nan")
+    return float(np.min(w)), float(np.max(w))
 
 
 def _indefinite(min_eig: float | None, max_eig: float | None, damping: float) -> bool:
@@ -608,12 +622,17 @@ def solve_lissa(
     diverged = False
     bound = 1e6 * float(b.norm()) * params.lissa_depth / scale + 1.0
     tail_start = params.lissa_depth - max(1, round(params.lissa_tail * params.lissa_depth))
+    m = len(curv.index)
+    work, pos = curv, m
     for rep in range(params.lissa_repeats):
         h = b.clone()
         tail = torch.zeros_like(b)
         for step in range(params.lissa_depth):
-            rows = np.sort(rng.choice(len(curv.index), size=batch, replace=False))
-            h = b + h - curv.apply(h, rows) / scale
+            if pos + batch > m:  # a new epoch: mini-batches without replacement within it
+                curv.points_processed += work.points_processed if work is not curv else 0
+                work, pos = curv.permuted(rng.permutation(m)), 0
+            h = b + h - work.apply(h, slice(pos, pos + batch)) / scale
+            pos += batch
             if step >= tail_start:
                 tail += h
             if step % 50 == 0:
@@ -624,6 +643,8 @@ def solve_lissa(
         if diverged:
             break
         estimate += tail / (params.lissa_depth - tail_start) / scale
+    if work is not curv:
+        curv.points_processed += work.points_processed
     x = estimate / params.lissa_repeats
     res = relative_residual(curv, x, b) if not diverged else [float("inf")] * b.shape[1]
     report = SolveReport(
