@@ -180,16 +180,20 @@ def measure_throughput(
     budget_s: float,
     rounds: int = 3,
     min_pass_s: float = 0.002,
+    always: int = 3,
 ) -> dict[int, float]:
     """Images/s of ``run`` on ``(bs, *shape)`` inputs, ``bs`` in ``candidates``.
 
     First round, in ascending order: a warm-up pass per size (a new shape allocates and
     builds kernels), then one timed pass. It stops past the peak (below 75% of the best so
-    far), before a size whose predicted cost would overrun ``budget_s`` seconds, or when the
-    GPU runs out of memory. Then up to ``rounds - 1`` more rounds over the sizes kept, while
-    the budget lasts; each size's figure is its fastest pass. Rounds rather than one block per
-    size, so that a burst of load from other processes slows every size alike. A pass repeats
-    ``run`` until it lasts ``min_pass_s`` (cheap models), and counts per call.
+    far), before a size whose predicted cost would overrun ``budget_s`` seconds (from the
+    ``always + 1``-th size on: the smallest ``always`` sizes are measured whatever the load,
+    so that a busy machine, on which one pass of 4 already overruns the budget, does not
+    leave batch 1 as the only candidate), or when the GPU runs out of memory. Then up to
+    ``rounds - 1`` more rounds over the sizes kept, while the budget lasts; each size's
+    figure is its fastest pass. Rounds rather than one block per size, so that a burst of
+    load from other processes slows every size alike. A pass repeats ``run`` until it lasts
+    ``min_pass_s`` (cheap models), and counts per call.
     """
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(PROBE_SEED)
@@ -205,8 +209,8 @@ def measure_throughput(
         return (time.perf_counter() - t0) / calls
 
     start = time.perf_counter()
-    for bs in sorted(candidates):
-        if best:
+    for i, bs in enumerate(sorted(candidates)):
+        if best and i >= always:
             per_call = bs * max(t / b for b, t in best.items())  # from the slowest per image so far
             if 2 * per_call > budget_s - (time.perf_counter() - start):
                 break
