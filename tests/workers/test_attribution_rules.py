@@ -113,7 +113,13 @@ def test_prepared_models_match_the_original_and_are_cached(cat):
             )
             torch.testing.assert_close(prepared(x), want, rtol=1e-4, atol=1e-4)
             types = {type(m).__name__ for m in prepared.modules()}
-            assert "ReLU6" not in types and ({"GuidedReLU6"} if family == "guided" else {"ReLU6Rescale"}) <= types
+            if family == "guided":
+                assert "ReLU6" not in types and "GuidedReLU6" in types
+            else:  # ReLU6 stays; rules.deeplift gives Captum's DeepLift the Rescale rule for it
+                assert "ReLU6" in types
+                method = rules.deeplift(prepared)
+                assert all(method._is_non_linear(m) for m in prepared.modules() if type(m) is torch.nn.ReLU6)
+                assert not ca.DeepLift(prepared)._is_non_linear(torch.nn.ReLU6())  # Captum's table untouched
             assert prepared is not model.module and not any(p.requires_grad for p in prepared.parameters())
 
 
