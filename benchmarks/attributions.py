@@ -55,21 +55,31 @@ QUICK_PER_METHOD = {
 }
 
 
-def best_throughput(run: Any, shape: tuple[int, ...], sizes: list[int], min_time: float) -> tuple[float, int]:
-    """(best images/s, its batch size): the fastest of several passes per size after a warm-up."""
+def best_throughput(
+    run: Any, shape: tuple[int, ...], sizes: list[int], min_time: float, rounds: int = 2
+) -> tuple[float, int, float]:
+    """(best images/s, its batch size, least CPU seconds per image at any size): the fastest
+    of several passes per size after a warm-up, in ``rounds`` rounds over the sizes (so that a
+    burst of load from other processes hits every size alike)."""
     import torch
 
-    best = (0.0, 1)
+    inputs = {bs: torch.randn((bs, *shape), generator=torch.Generator().manual_seed(bs)) for bs in sizes}
+    wall = dict.fromkeys(sizes, float("inf"))
+    cpu = dict.fromkeys(sizes, float("inf"))
     for bs in sizes:
-        x = torch.randn((bs, *shape), generator=torch.Generator().manual_seed(bs))
-        run(x)
-        times: list[float] = []
-        while sum(times) < min_time or len(times) < 3:
-            t0 = time.perf_counter()
-            run(x)
-            times.append(time.perf_counter() - t0)
-        best = max(best, (bs / min(times), bs))
-    return best
+        run(inputs[bs])
+    for _ in range(rounds):
+        for bs in sizes:
+            n = 0
+            t_start = time.perf_counter()
+            while time.perf_counter() - t_start < min_time / rounds or n < 2:
+                t0, c0 = time.perf_counter(), time.process_time()
+                run(inputs[bs])
+                wall[bs] = min(wall[bs], time.perf_counter() - t0)
+                cpu[bs] = min(cpu[bs], time.process_time() - c0)
+                n += 1
+    ips, bs = max((b / wall[b], b) for b in sizes)
+    return ips, bs, min(cpu[b] / b for b in sizes)
 
 
 def gradient_passes(p: Any, n: int) -> tuple[int, int]:
@@ -87,13 +97,31 @@ def gradient_passes(p: Any, n: int) -> tuple[int, int]:
     return per[0] * n, per[1] * n
 
 
+PER_IMAGE = ("gradient_shap", "deeplift_shap", "occlusion_map", "feature_ablation", "shapley_value_sampling",
+             "kernel_shap", "lime")  # fmt: skip
+"""Captum gets these one image at a time (per-image baseline distributions or segmentations)."""
+
+
 def captum_default(model: Any, module: Any, x: Any, t: Any, p: Any) -> Any:
     """Captum's class on the eager module with its default batching and ``p``'s method params."""
+    import torch
+
+    m = getattr(p, "method", "occlusion_map")
+    if m in PER_IMAGE and len(x) > 1:
+        return torch.cat([captum_default(model, module, x[i : i + 1], t[i : i + 1], p) for i in range(len(x))])
     from captum import attr as ca
 
     from workers.explain.attribution import input_range, make_baseline, superpixel_mask
 
-    m = p.method
+    if m == "occlusion_map":
+        from workers.explain.occlusion_map import fill_value, geometry
+
+        occ, stride, _, _ = geometry(p, *x.shape[2:])
+        fill = fill_value(p, x[0], model).expand_as(x[0])[None]
+        c = x.shape[1]
+        return ca.Occlusion(lambda b: module(b).softmax(1)).attribute(
+            x, sliding_window_shapes=(c, occ, occ), strides=(c, stride, stride), baselines=fill, target=t
+        )
     xs = x.clone().requires_grad_(m not in FORWARD)
     base = make_baseline(getattr(p, "baseline", "zero"), x, model.manifest, getattr(p, "blur_sigma", 0.1), p.seed)
     layer = getattr(p, "layer", None) or model.manifest.gradcam_layer
@@ -161,17 +189,51 @@ def torch_cat(tensors: list[Any]) -> Any:
 FORWARD = ("occlusion", "feature_ablation", "shapley_value_sampling", "kernel_shap", "lime")
 
 
+PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "cat", "immunohistochemistry", "retina", "hubble_deep_field")
+
+
+def photos(n: int) -> list[Any]:
+    """``n`` photos bundled with scikit-image (the cat first), as PIL images."""
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for i in range(n):
+        a = getattr(data, PHOTOS[i % len(PHOTOS)])()
+        if a.ndim == 2:
+            a = a[:, :, None].repeat(3, 2)
+        out.append(Image.fromarray(a[:, :, :3]))
+    return out
+
+
+def batch_desc(name: str, p: Any, model: Any, n: int) -> str:
+    """The chunk the method evaluates per model call, as run (images per forward or
+    forward+backward pass)."""
+    grad_bs = p.batch_size or model.grad_batch_size
+    fwd_bs = p.batch_size or model.batch_size
+    if name in FORWARD or name == "occlusion_map":
+        return f"f{fwd_bs}"
+    if name == "deeplift":
+        return f"2x{min(n, max(1, grad_bs // 2))}"
+    if name == "deeplift_shap":
+        return f"{len(p.baselines)}x1"
+    if name in ("integrated_gradients", "noise_tunnel", "gradient_shap"):
+        return str(grad_bs)
+    return str(min(grad_bs, n))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small steps/samples (minutes instead of tens of minutes)")
     ap.add_argument("--model", default="efficientnet-lite0")
-    ap.add_argument("--methods", nargs="*", help="default: all")
+    ap.add_argument("--methods", nargs="*", help="default: all, and occlusion_map")
+    ap.add_argument("--images", type=int, default=1, help="photos per job (the cat first)")
     ap.add_argument("--models-dir", type=Path, default=ROOT / "var" / "models")
     ap.add_argument("--cache-dir", type=Path, default=None, help="engine cache (default: a temporary directory)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = as torch chooses)")
+    ap.add_argument("--intra-op", type=int, default=0, help="torch and ONNX Runtime threads (0 = cores)")
     ap.add_argument("--no-captum", action="store_true", help="skip the direct Captum runs")
-    ap.add_argument("--min-time", type=float, default=1.0, help="seconds per throughput measurement")
+    ap.add_argument("--min-time", type=float, default=2.0, help="seconds per throughput measurement and size")
     ap.add_argument(
         "--batch-sizes",
         choices=["engine", "measured"],
@@ -191,38 +253,40 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from PIL import Image
-    from skimage import data
 
-    from schemas.attribution import METHODS, AttributionParams
+    from schemas.attribution import METHODS, AttributionParams, OcclusionMapParams
     from workers.engine import eager_grad_pass
     from workers.explain import rules
     from workers.explain.attribution import attribute
+    from workers.explain.occlusion_map import occlusion_grid
     from workers.registry import ModelCache, prepare_builtin_models, preprocess
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.intra_op:
+        torch.set_num_threads(args.intra_op)
     prepare_builtin_models(args.models_dir, only=[args.model])
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="attr-bench-"))
     t0 = time.perf_counter()
-    model = ModelCache(args.models_dir, cache_dir, args.device).get(args.model)
+    cache = ModelCache(args.models_dir, cache_dir, args.device, intra_op_threads=args.intra_op)
+    model = cache.get(args.model)
     load_s = time.perf_counter() - t0
-    x, _ = preprocess([Image.fromarray(data.chelsea())], model.manifest.preprocessing)
+    x, _ = preprocess(photos(args.images), model.manifest.preprocessing)
     x = x.to(model.device)
     t = model.forward(x).argmax(1)
     shape = tuple(x.shape[1:])
     dev = model.device
     sizes = [1, 4, 8, 16, 32]
-    fwd_ips, fwd_bs = best_throughput(lambda b: model.forward(b.to(dev)), shape, sizes, args.min_time)
+    fwd_ips, fwd_bs, fwd_cpu = best_throughput(lambda b: model.forward(b.to(dev)), shape, sizes, args.min_time)
     grad = eager_grad_pass(model.module)
-    grad_ips, grad_bs = best_throughput(lambda b: grad(b.to(dev)), shape, sizes[:4], args.min_time)
+    grad_ips, grad_bs, grad_cpu = best_throughput(lambda b: grad(b.to(dev)), shape, sizes[:4], args.min_time)
     if args.batch_sizes == "measured":
         model = dataclasses.replace(model, batch_size=fwd_bs, grad_batch_size=grad_bs)
-    print(f"# {args.model} {shape} on {dev} (torch threads {torch.get_num_threads()}), engine {model.engine_name} "
-          f"(batch {model.batch_size}, grad batch {model.grad_batch_size}), loaded in {load_s:.1f} s")  # fmt: skip
+    print(f"# {args.model} {shape} x {len(x)} on {dev} (torch threads {torch.get_num_threads()}), engine "
+          f"{model.engine_name} (batch {model.batch_size}, grad batch {model.grad_batch_size}), "
+          f"loaded in {load_s:.1f} s; "
+          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")  # fmt: skip
     print(
-        f"# best forward {fwd_ips:.1f} img/s (batch {fwd_bs}); "
-        f"best forward+backward {grad_ips:.1f} img/s (batch {grad_bs})"
+        f"# best forward {fwd_ips:.1f} img/s (batch {fwd_bs}), {1000 * fwd_cpu:.1f} ms CPU/img; "
+        f"best forward+backward {grad_ips:.1f} img/s (batch {grad_bs}), {1000 * grad_cpu:.1f} ms CPU/img"
     )
     print(f"# allocator env: {'set' if all(k in os.environ for k in ALLOCATOR_ENV) else 'glibc default'}; "
           f"{'quick' if args.quick else 'default'} params")  # fmt: skip
@@ -237,20 +301,29 @@ def main() -> None:
         f"guided {prep['guided']:.1f} s, deeplift {prep['deeplift']:.1f} s"
     )
 
+    # what a worker has imported after its first jobs: scikit-learn (KernelSHAP's and LIME's
+    # linear models) and SLIC, a one-off second or two that would fall on the first method timed
+    import skimage.segmentation  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+
     for _ in range(2):  # warm-up: first backward passes allocate
         attribute(model, x, t, AttributionParams.model_validate({"method": "saliency"}))
     rows: list[dict[str, Any]] = []
     header = (
-        f"{'method':24s} {'evals f/fb':>11s} {'limit s':>8s} {'ours s':>8s} {'captum s':>9s} "
-        f"{'ours/captum':>11s} {'ours/limit':>10s}"
+        f"{'method':24s} {'batch':>5s} {'evals f/fb':>11s} {'limit s':>8s} {'ours s':>8s} {'captum s':>9s} "
+        f"{'ours/captum':>11s} {'ours/limit':>10s} {'cpu/limit':>9s} {'max|diff|':>9s}"
     )
     print(header)
-    for name in args.methods or list(METHODS):
-        fields = METHODS[name].model_fields
-        kw: dict[str, Any] = {}
-        if args.quick:
-            kw = {k: v for k, v in QUICK.items() if k in fields} | QUICK_PER_METHOD.get(name, {})
-        p = AttributionParams.model_validate({"method": name, **kw})
+    for name in args.methods or [*METHODS, "occlusion_map"]:
+        p: Any
+        if name == "occlusion_map":
+            p = OcclusionMapParams()
+        else:
+            fields = METHODS[name].model_fields
+            kw: dict[str, Any] = {}
+            if args.quick:
+                kw = {k: v for k, v in QUICK.items() if k in fields} | QUICK_PER_METHOD.get(name, {})
+            p = AttributionParams.model_validate({"method": name, **kw})
         counted = [0]
 
         def counting(b: torch.Tensor, f: Any = model.forward, n: list[int] = counted) -> torch.Tensor:
@@ -258,35 +331,56 @@ def main() -> None:
             return f(b)
 
         counting_model = dataclasses.replace(model, forward=counting)
-        row: dict[str, Any] = {"method": name}
+
+        def ours_run(m: Any = counting_model, p: Any = p, name: str = name) -> torch.Tensor:
+            if name == "occlusion_map":
+                return torch.cat(
+                    [torch.from_numpy(occlusion_grid(m, x[i], int(t[i]), p).probability) for i in range(len(x))]
+                )
+            return attribute(m, x, t, p)
+
+        row: dict[str, Any] = {"method": name, "batch": batch_desc(name, p, model, len(x))}
+        ours_out = captum_out = None
         try:
-            times = []
+            best = (float("inf"), float("inf"))
             for _ in range(args.repeat):
                 counted[0] = 0
-                t0 = time.perf_counter()
-                attribute(counting_model, x, t, p)
-                times.append(time.perf_counter() - t0)
-            row["ours_s"] = min(times)
+                t0, c0 = time.perf_counter(), time.process_time()
+                ours_out = ours_run()
+                best = min(best[0], time.perf_counter() - t0), min(best[1], time.process_time() - c0)
+            row["ours_s"], row["ours_cpu_s"] = best
+            row["ours_forward_evals"] = counted[0]
         except Exception as e:  # noqa: BLE001 - the table reports it
             row["error"] = f"{type(e).__name__}: {e}"[:90]
-        n_fwd, n_grad = gradient_passes(p, len(x))
-        if name in FORWARD:
-            n_fwd = counted[0]
-        row.update(forward_evals=n_fwd, grad_evals=n_grad, limit_s=n_fwd / fwd_ips + n_grad / grad_ips)
+        n_fwd, n_grad = gradient_passes(p, len(x)) if name != "occlusion_map" else (0, 0)
         if not args.no_captum and "error" not in row:
             module = copy.deepcopy(model.module)
+            calls = [0]
+            handle = module.register_forward_pre_hook(lambda _m, a, n=calls: n.__setitem__(0, n[0] + len(a[0])))
             try:
-                times = []
+                best = (float("inf"), float("inf"))
                 for _ in range(args.repeat):
+                    calls[0] = 0
                     with torch.random.fork_rng():
                         torch.manual_seed(0)
                         np.random.seed(0)
-                        t0 = time.perf_counter()
-                        captum_default(model, module, x, t, p)
-                        times.append(time.perf_counter() - t0)
-                row["captum_s"] = min(times)
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        captum_out = captum_default(model, module, x, t, p)
+                        best = min(best[0], time.perf_counter() - t0), min(best[1], time.process_time() - c0)
+                row["captum_s"], row["captum_cpu_s"] = best
+                row["captum_forward_evals"] = calls[0]
             except Exception as e:  # noqa: BLE001
                 row["captum_error"] = f"{type(e).__name__}"
+            finally:
+                handle.remove()
+        if name in FORWARD or name == "occlusion_map":
+            # the evaluations the algorithm needs: Captum's own count (ours when it did not run)
+            n_fwd = row.get("captum_forward_evals", counted[0])
+        row.update(forward_evals=n_fwd, grad_evals=n_grad, limit_s=n_fwd / fwd_ips + n_grad / grad_ips)
+        row["limit_cpu_s"] = n_fwd * fwd_cpu + n_grad * grad_cpu
+        if ours_out is not None and captum_out is not None and name != "occlusion_map":
+            ref = captum_out.detach().float().reshape(ours_out.shape)
+            row["max_rel_diff"] = float((ours_out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         rows.append(row)
         if "error" in row:
             print(f"{name:24s} {row['error']}")
@@ -294,12 +388,18 @@ def main() -> None:
         ours, lim, cap = row["ours_s"], row["limit_s"], row.get("captum_s")
         cap_s = f"{cap:9.2f}" if cap else "        -"
         ratio = f"{ours / cap:11.2f}" if cap else "          -"
+        diff = f"{row['max_rel_diff']:9.1e}" if "max_rel_diff" in row else "        -"
         print(
-            f"{name:24s} {n_fwd:>5d}/{n_grad:<5d} {lim:8.2f} {ours:8.2f} {cap_s} {ratio} {ours / lim:10.2f}", flush=True
+            f"{name:24s} {row['batch']:>5s} {n_fwd:>5d}/{n_grad:<5d} {lim:8.2f} {ours:8.2f} {cap_s} {ratio} "
+            f"{ours / lim:10.2f} {row['ours_cpu_s'] / row['limit_cpu_s']:9.2f} {diff}",
+            flush=True,
         )
+    print(f"# load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     if args.json:
-        summary = {"model": args.model, "engine": model.engine_name, "rows": rows}
+        summary = {"model": args.model, "engine": model.engine_name, "images": len(x), "rows": rows}
         summary.update(forward_images_per_s=fwd_ips, grad_images_per_s=grad_ips)
+        summary.update(forward_cpu_s_per_image=fwd_cpu, grad_cpu_s_per_image=grad_cpu)
+        summary.update(batch_size=model.batch_size, grad_batch_size=model.grad_batch_size)
         args.json.write_text(json.dumps(summary, indent=2))
 
 
