@@ -8,7 +8,11 @@ Starts its own redis-server (free port), the API (uvicorn, one process) and work
    batcher runs), with and without the preprocessing (decode + resize) the worker also does.
 2. **Predicts** with one worker: an asyncio httpx client with C concurrent connections
    (C = 1, 8, 32), each posting one image and waiting for its answer, for ``--duration``
-   seconds per level: requests/s, p50/p99 latency, errors, mean batch size seen.
+   seconds per level: requests/s, p50/p99 latency, errors, mean batch size seen, and the
+   CPU milliseconds per request of each process (this client, the API, the worker, Redis;
+   from /proc), beside the forward's own CPU per image: on a machine shared with other
+   work, where rates swing with the load, CPU per request is the steadier figure, and on
+   one box the client and the API take CPU from the forward.
 3. **Jobs**: ``--jobs`` saliency jobs (distinct inputs) submitted at once, with 1 and then
    2 workers: jobs/s from the first submit to the last terminal state, and every accepted
    job checked through the API to have reached a terminal state (nothing lost).
@@ -59,6 +63,17 @@ def wait_until(check: Any, timeout: float, what: str) -> None:
     raise SystemExit(f"{what} not ready after {timeout:.0f} s")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs), q)) if xs else float("nan")
 
@@ -81,6 +96,7 @@ def forward_limit(model_id: str, image: bytes, batch: int, seconds: float, env: 
     import torch
 
     from schemas.settings import Settings
+    from service.images import decode_image
     from workers.pipeline import decode, forward_in_chunks
     from workers.registry import ModelCache, preprocess
 
@@ -88,21 +104,29 @@ def forward_limit(model_id: str, image: bytes, batch: int, seconds: float, env: 
     if s.intra_op_threads:
         torch.set_num_threads(s.intra_op_threads)
     model = ModelCache.from_settings(s).get(model_id)
-    x, _ = preprocess([decode(image)] * batch, model.manifest.preprocessing)
+    stored = decode_image(image, s.max_upload_bytes, s.max_image_pixels).data  # what the API stores
+    x, _ = preprocess([decode(stored)] * batch, model.manifest.preprocessing)
     forward_in_chunks(model, x)  # warm-up
     out = {"engine": model.engine_name, "chunk": model.batch_size}
     for name, with_pre in (("forward", False), ("preprocess+forward", True)):
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), own_cpu_s()
         while time.perf_counter() - t0 < seconds:
             if with_pre:
-                x, _ = preprocess([decode(image) for _ in range(batch)], model.manifest.preprocessing)
+                x, _ = preprocess([decode(stored) for _ in range(batch)], model.manifest.preprocessing)
             forward_in_chunks(model, x).softmax(1)
             n += batch
         out[name] = n / (time.perf_counter() - t0)
+        out[f"{name} cpu_ms"] = (own_cpu_s() - c0) / n * 1000
     return out
 
 
-async def predict_load(base: str, model_id: str, image: bytes, clients: int, seconds: float) -> dict[str, Any]:
+async def predict_load(
+    base: str, model_id: str, image: bytes, clients: int, seconds: float, pids: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """``clients`` concurrent clients for ``seconds``; with ``pids`` (name -> process), the CPU
+    milliseconds each process (and this client) spent per answered request."""
+    pids = pids or {}
+    cpu0 = {name: cpu_s(pid) for name, pid in pids.items()} | {"client": own_cpu_s()}
     latencies: list[float] = []
     batches: list[int] = []
     errors: dict[str, int] = {}
@@ -128,7 +152,10 @@ async def predict_load(base: str, model_id: str, image: bytes, clients: int, sec
         t0 = time.perf_counter()
         await asyncio.gather(*[one_client() for _ in range(clients)])
         took = time.perf_counter() - t0
+    cpu1 = {name: cpu_s(pid) for name, pid in pids.items()} | {"client": own_cpu_s()}
+    n = max(len(latencies), 1)
     return {
+        "cpu_ms_per_request": {name: (cpu1[name] - cpu0[name]) / n * 1000 for name in cpu0},
         "clients": clients,
         "requests": len(latencies),
         "req_per_s": len(latencies) / took,
@@ -230,7 +257,8 @@ def main() -> None:
         asyncio.run(predict_load(base, args.model, image, 4, 3.0))  # warm-up
         results["predict"] = []
         for c in args.clients:
-            row = asyncio.run(predict_load(base, args.model, image, c, args.duration))
+            pids = {"api": procs[1].pid, "worker": procs[2].pid, "redis": procs[0].pid}
+            row = asyncio.run(predict_load(base, args.model, image, c, args.duration, pids))
             results["predict"].append(row)
             print(json.dumps(row), flush=True)
         results["jobs"] = {}
@@ -272,6 +300,15 @@ def report(r: dict[str, Any]) -> None:
         ratios = f"{lim['forward'] / rate:.2f} ({lim['preprocess+forward'] / rate:.2f})"
         print(f"{row['clients']:>7} {row['req_per_s']:>8.1f} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} "
               f"{row['mean_batch']:>6.1f} {ratios:>15}  {row['errors'] or '-'}")  # fmt: skip
+    fwd_cpu = lim["forward cpu_ms"]
+    print(f"\nCPU ms per request (all threads of each process; the forward alone: {fwd_cpu:.1f} ms per image)")
+    names = list(r["predict"][0]["cpu_ms_per_request"])
+    print(f"{'clients':>7} " + " ".join(f"{n:>8}" for n in names) + f" {'total':>8} {'total/forward':>14}")
+    for row in r["predict"]:
+        cpu = row["cpu_ms_per_request"]
+        total = sum(cpu.values())
+        print(f"{row['clients']:>7} " + " ".join(f"{cpu[n]:>8.1f}" for n in names)
+              + f" {total:>8.1f} {total / fwd_cpu:>14.2f}")  # fmt: skip
     for n, row in r["jobs"].items():
         print(f"jobs, {n} worker(s): {row['accepted']}/{row['jobs']} accepted, {row['jobs_per_s']:.1f} jobs/s, "
               f"statuses {row['statuses']}, lost {row['lost']}")  # fmt: skip

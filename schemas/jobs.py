@@ -58,7 +58,9 @@ class JobPayload(BaseModel):
     kind: str
     model_id: str
     model_version: str
-    inputs: list[str] = Field(description="sha256 ids of the normalised input PNGs (schemas.keys.input_key)")
+    inputs: list[str] = Field(
+        description="ids of the stored normalised input images (schemas.keys.input_key, schemas.stored_images)"
+    )
     files: dict[str, str] = Field(default_factory=dict, description="extra upload name -> sha256 id")
     params: dict[str, Any]
 

@@ -1,7 +1,8 @@
 """Redis key names and queue names, shared by the API and the workers.
 
-Storage choice: inputs (normalised PNGs) and artifacts live in Redis beside the jobs, so every
-worker and API replica on any host reads them without a shared disk. They expire with the
+Storage choice: inputs (normalised RGB images, ``schemas.stored_images``) and artifacts live
+in Redis beside the jobs, so every worker and API replica on any host reads them without a
+shared disk. They expire with the
 job's result TTL. Limit: Redis holds them in memory, so uploads are capped
 (``max_upload_bytes``) and large outputs stay in the low megabytes per job; a deployment that
 needs gigabytes of artifacts would move them to object storage behind the same two functions.

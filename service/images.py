@@ -5,7 +5,8 @@ Checks, in order: byte size (413) -> format (415) -> pixel count from the header
 decoding (413: decompression bombs) -> full decode (400 when corrupt or truncated). Then
 EXIF orientation is applied and every mode becomes 8-bit RGB: palette and grey as RGB,
 alpha composited on white, 16-bit and 32-bit integer images scaled by their type's range,
-float images clipped to [0, 1]. The normalised image is stored as PNG for the workers.
+float images clipped to [0, 1]. The normalised image is stored for the workers as
+``schemas.stored_images`` says (raw up to 4 MP, PNG above).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.errors import BadImage, PayloadTooLarge, UnsupportedMedia
+from schemas.stored_images import encode_rgb
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 Image.MAX_IMAGE_PIXELS = None  # our own limit is applied before decoding, from settings
@@ -26,7 +28,7 @@ Image.MAX_IMAGE_PIXELS = None  # our own limit is applied before decoding, from 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    png: bytes  # normalised 8-bit RGB PNG
+    data: bytes  # normalised 8-bit RGB, as stored for the workers (schemas.stored_images)
     sha256: str  # of the uploaded bytes
     width: int
     height: int
@@ -82,6 +84,4 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
             rgb = _to_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, EOFError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None
-    buf = io.BytesIO()
-    rgb.save(buf, format="PNG", compress_level=1)
-    return DecodedImage(buf.getvalue(), hashlib.sha256(data).hexdigest(), rgb.width, rgb.height, fmt)
+    return DecodedImage(encode_rgb(rgb), hashlib.sha256(data).hexdigest(), rgb.width, rgb.height, fmt)

@@ -124,7 +124,7 @@ def store_inputs(
     file_ids = {name: scoped_id(tenant, _sha(data)) for name, data in (files or {}).items()}
     with conn.pipeline() as pipe:
         for img, i in zip(images, image_ids, strict=True):
-            pipe.set(keys.input_key(i), img.png, ex=ttl)
+            pipe.set(keys.input_key(i), img.data, ex=ttl)
         for name, data in (files or {}).items():
             pipe.set(keys.input_key(file_ids[name]), data, ex=ttl)
         pipe.execute()
@@ -415,7 +415,7 @@ async def predict(
     queue_key = keys.predict_queue_key(entry.manifest.id)
     async with conn.pipeline(transaction=False) as pipe:
         for img, i in zip(images, ids, strict=True):
-            pipe.set(keys.input_key(i), img.png, ex=ttl)
+            pipe.set(keys.input_key(i), img.data, ex=ttl)
         pipe.rpush(queue_key, item)
         pipe.expire(queue_key, ttl)
         await pipe.execute()

@@ -27,7 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.dependency_overrides[get_settings] = lambda: settings
     app.state.registry = ModelRegistry(settings.models_dir)
     app.state.metrics = Metrics(lambda: redis_for(settings.redis_url, settings.redis_timeout_s))
-    app.middleware("http")(app.state.metrics.middleware)
+    app.add_middleware(app.state.metrics.middleware)
     # Not FastAPI(max_body_size=...): its 413 is plain text, ours is the usual JSON error.
     app.add_middleware(BodySizeLimit, limit=body_limit(settings))
     install_error_handlers(app)

@@ -4,16 +4,14 @@ scrape time, queue depths, workers, jobs by kind and status and job seconds (all
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas import keys
 from service.deps import queue
@@ -58,14 +56,30 @@ class Metrics:
         )
         self.registry.register(RedisCollector(conn))  # type: ignore[arg-type]
 
-    async def middleware(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        route = "unmatched"
-        for r in request.app.router.routes:
-            if r.matches(request.scope)[0] == Match.FULL:
-                route = getattr(r, "path", "unmatched")
-                break
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        self.latency.labels(request.method, route).observe(time.perf_counter() - t0)
-        self.requests.labels(request.method, route, str(response.status_code)).inc()
-        return response
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        """Pure ASGI middleware counting requests and timing them by route template
+        (Starlette's ``BaseHTTPMiddleware`` would cost a task group and two memory streams
+        per request)."""
+
+        async def observed(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            status = 500  # what the client gets when the app raises before responding
+
+            async def watched(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            t0 = time.perf_counter()
+            try:
+                await app(scope, receive, watched)
+            finally:
+                # The router leaves the matched route in the scope: its template, not the raw path.
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.latency.labels(scope["method"], route).observe(time.perf_counter() - t0)
+                self.requests.labels(scope["method"], route, str(status)).inc()
+
+        return observed

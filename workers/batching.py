@@ -8,7 +8,9 @@ then whatever arrives within ``max_delay_ms``, up to ``max_batch`` images. It ru
 as one batched forward through the model's forward engine (in the engine's chunk size),
 and pushes each request's reply (``schemas.jobs.PredictResponse`` or an error) onto its
 reply key. Under load, requests pile up while a batch runs, so the next batch fills at
-once and the delay is not waited; with a single client it adds at most ``max_delay_ms``.
+once and the delay is not waited. The window is adaptive: it is waited only while
+requests come concurrently (the previous batch had more than one), so a lone client's
+request is served at once instead of paying ``max_delay_ms`` for company that never comes.
 
 LPOP/BLPOP hand each request to exactly one worker, so workers share the load; a request
 past its deadline (its client got 503) is dropped, not computed. The batcher keeps its own
@@ -73,6 +75,7 @@ class PredictBatcher:
         self.max_batch, self.max_delay_s, self.block_s = max_batch, max_delay_ms / 1000, block_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._concurrent = False  # the last batch had more than one request: wait to fill the next
         self.batches = 0  # counters, for logs and tests
         self.requests = 0
 
@@ -90,7 +93,7 @@ class PredictBatcher:
         key = popped[0].decode() if isinstance(popped[0], bytes) else str(popped[0])
         batch = [PredictRequest.parse(popped[1])]
         n = len(batch[0].inputs)
-        fill_until = time.monotonic() + self.max_delay_s
+        fill_until = time.monotonic() + (self.max_delay_s if self._concurrent else 0.0)
         while n < self.max_batch:
             raw = self.conn.lpop(key, self.max_batch - n) or []
             if not raw:
@@ -104,6 +107,7 @@ class PredictBatcher:
             for r in cast(list[bytes], raw):
                 batch.append(PredictRequest.parse(r))
                 n += len(batch[-1].inputs)
+        self._concurrent = len(batch) > 1
         return key.removeprefix(keys.predict_queue_key("")), batch
 
     # --- serving them ---

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from schemas.errors import BadParams
+from schemas.stored_images import decode_rgb
 from workers.explain.base import Inputs, KindResult, LoadedModel, ProgressFn
 from workers.registry import ModelCache, preprocess
 
@@ -54,10 +54,9 @@ def resolve_targets(target: int | list[int] | None, probs: torch.Tensor) -> torc
     return torch.tensor(targets, dtype=torch.long, device=probs.device)
 
 
-def decode(png: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(png))
-    img.load()
-    return img
+def decode(data: bytes) -> Image.Image:
+    """A stored input (``schemas.stored_images``) as an RGB PIL image."""
+    return decode_rgb(data)
 
 
 def load_inputs(model: LoadedModel, pngs: list[bytes], params: BaseModel) -> Inputs:

@@ -455,6 +455,41 @@ def test_batcher_fills_batches_drops_expired_requests_and_reports_bad_ones(model
         server.process.wait(10)
 
 
+def test_batcher_waits_for_company_only_when_requests_come_concurrently(model_cache):
+    """A lone request is served at once; after a batch of several, the next batch waits up to
+    ``max_delay_ms`` for more (the adaptive window of ``workers.batching``)."""
+    from redis import Redis
+
+    from schemas import keys
+    from workers.batching import PredictBatcher
+
+    port = free_port()
+    server = RedisServer(port, _spawn_redis(port))
+    try:
+        conn = Redis.from_url(server.url)
+        batcher = PredictBatcher(conn, model_cache, max_batch=8, max_delay_ms=800, block_s=0.2)
+        queue = keys.predict_queue_key("digits-cnn")
+
+        def push(i: int) -> None:
+            request = {"id": f"r{i}", "inputs": ["in"], "top_k": 1, "deadline": time.time() + 30}
+            conn.rpush(queue, json.dumps(request))
+
+        push(0)
+        t0 = time.monotonic()
+        _, batch = batcher.next_batch()
+        assert [r.id for r in batch] == ["r0"] and time.monotonic() - t0 < 0.6  # no 800 ms wait
+        push(1), push(2)
+        _, batch = batcher.next_batch()
+        assert [r.id for r in batch] == ["r1", "r2"]  # queued together: taken together
+        push(3)
+        t0 = time.monotonic()
+        _, batch = batcher.next_batch()
+        assert [r.id for r in batch] == ["r3"] and time.monotonic() - t0 >= 0.8  # waited the window
+    finally:
+        server.process.kill()
+        server.process.wait(10)
+
+
 def test_the_api_reaps_a_dead_workers_job_without_worker_code(settings):
     """The API image has no worker code: reaping (RQ runs failure callbacks) must not need it.
     Its own Redis with no worker: the job is made to look started by a worker that died."""

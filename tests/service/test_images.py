@@ -1,12 +1,11 @@
 """Image decoding rules (service side, Pillow only)."""
 
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from schemas.errors import BadImage, PayloadTooLarge, UnsupportedMedia
+from schemas.stored_images import NPY_MAGIC, RAW_MAX_PIXELS, decode_rgb
 from service.images import decode_image
 from tests.helpers import png
 
@@ -15,7 +14,7 @@ LIMITS = {"max_bytes": 10_000_000, "max_pixels": 10_000_000}
 
 def rgb_of(data: bytes) -> np.ndarray:
     out = decode_image(data, **LIMITS)
-    img = Image.open(io.BytesIO(out.png))
+    img = decode_rgb(out.data)  # as the workers read it
     assert img.mode == "RGB"
     return np.asarray(img)
 
@@ -62,7 +61,20 @@ def test_limits_and_bad_bytes():
         decode_image(png(np.zeros((64, 64, 3), np.uint8))[:60], **LIMITS)
 
 
-def test_same_bytes_same_hash_and_png():
+def test_same_bytes_same_hash_and_stored_bytes():
     data = png(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
     a, b = decode_image(data, **LIMITS), decode_image(data, **LIMITS)
-    assert a.sha256 == b.sha256 and a.png == b.png and (a.width, a.height) == (4, 4)
+    assert a.sha256 == b.sha256 and a.data == b.data and (a.width, a.height) == (4, 4)
+
+
+def test_stored_raw_up_to_the_limit_png_above_both_read_back_exactly():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    stored = decode_image(png(small), **LIMITS).data
+    assert stored.startswith(NPY_MAGIC) and np.array_equal(np.asarray(decode_rgb(stored)), small)
+    side = int(RAW_MAX_PIXELS**0.5) + 1  # just over the raw limit
+    big = np.zeros((side, side, 3), np.uint8)
+    big[::7, ::3] = (200, 10, 90)
+    stored = decode_image(png(big), max_bytes=10**9, max_pixels=10**8).data
+    assert stored.startswith(b"\x89PNG") and len(stored) < big.nbytes // 10
+    assert np.array_equal(np.asarray(decode_rgb(stored)), big)

@@ -56,3 +56,18 @@ def test_predict_jpeg_and_grey_inputs(client, chelsea):
             "/v1/models/efficientnet-lite0/predict", files={"image": ("x", data, "application/octet-stream")}
         )
         assert r.status_code == 200, r.text
+
+
+def test_metrics_count_requests_by_route_template_and_status(api):
+    def count(text: str, route: str, status: str) -> float:
+        line = f'inspector_http_requests_total{{method="GET",route="{route}",status="{status}"}} '
+        return next((float(x.removeprefix(line)) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    before = api.get("/metrics").text
+    api.get("/v1/models/digits-cnn")
+    api.get("/v1/models/nope")
+    api.get("/v1/models/nope-again")
+    after = api.get("/metrics").text
+    assert count(after, "/v1/models/{model_id}", "200") == count(before, "/v1/models/{model_id}", "200") + 1
+    assert count(after, "/v1/models/{model_id}", "404") == count(before, "/v1/models/{model_id}", "404") + 2
+    assert 'inspector_http_request_seconds_bucket{le="0.005",method="GET",route="/v1/models/{model_id}"}' in after
