@@ -54,7 +54,14 @@ class Settings(BaseSettings):
     worker_max_jobs: int = Field(0, ge=0, description="a worker exits after this many jobs (0 = never)")
     worker_max_rss_mb: int = Field(0, ge=0, description="a worker exits after a job that leaves it above this")
     predict_max_batch: int = Field(32, gt=0, description="images one batched predict forward takes at most")
-    predict_max_delay_ms: float = Field(5.0, ge=0, description="how long a worker waits to fill a predict batch")
+    predict_max_delay_ms: float = Field(
+        5.0, ge=0, description="how long a worker waits to fill a predict batch (only while requests come concurrently)"
+    )
+    predict_spin_wait: bool = Field(
+        False,
+        description="ONNX Runtime threads of the predict batcher spin between batches (faster back-to-back "
+        "batches on a dedicated host; off, they leave the cores to the API and the next request's decoding)",
+    )
 
     # Completion webhooks (callback_url of a job), signed with HMAC-SHA256
     webhook_secret: str = Field("", repr=False, description="HMAC key; empty = callback_url refused")

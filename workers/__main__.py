@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
         batcher = PredictBatcher(
             Redis.from_url(settings.redis_url, socket_timeout=30),
-            ModelCache.from_settings(settings),
+            ModelCache.from_settings(settings, spin_wait=settings.predict_spin_wait),
             max_batch=settings.predict_max_batch,
             max_delay_ms=settings.predict_max_delay_ms,
         )

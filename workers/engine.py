@@ -274,13 +274,18 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, exporter: 
             raise ValueError(f"unknown exporter {exporter!r}")
 
 
-def ort_forward(path: Path, device: torch.device, threads: int) -> ForwardFn:
-    """An ONNX Runtime session of ``path`` as a :data:`ForwardFn` on ``device``."""
+def ort_forward(path: Path, device: torch.device, threads: int, spin_wait: bool = True) -> ForwardFn:
+    """An ONNX Runtime session of ``path`` as a :data:`ForwardFn` on ``device``.
+
+    ``spin_wait``: the intra-op threads spin between runs (ONNX Runtime's default: a few
+    percent more throughput for back-to-back batches, at the price of busy cores between
+    them); off, they sleep and leave the cores to other threads and processes."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     if device.type == "cuda":
@@ -368,6 +373,7 @@ def _onnx_engine(
     threads: int,
     exporters: Sequence[str],
     tol: float,
+    spin_wait: bool = True,
 ) -> tuple[ForwardFn, str]:
     """Load (exporting first when missing) and check the ONNX engine; returns (forward,
     exporter that made the file or "" if it existed). Raises :class:`EngineUnavailable`."""
@@ -379,7 +385,7 @@ def _onnx_engine(
     probe = probe_batch(shape, 3, device)
     if path.exists():
         try:
-            fwd = ort_forward(path, device, threads)
+            fwd = ort_forward(path, device, threads, spin_wait)
         except Exception as e:  # a file ONNX Runtime cannot load: serve eager, say why
             raise EngineUnavailable(f"loading {path.name}: {type(e).__name__}: {e}") from e
         check_against_eager(eager, fwd, probe, (1, 3), tol)
@@ -390,7 +396,7 @@ def _onnx_engine(
         try:
             t0 = time.perf_counter()
             export_onnx(module, probe[:2], tmp, exporter)
-            fwd = ort_forward(tmp, device, threads)
+            fwd = ort_forward(tmp, device, threads, spin_wait)
             diff = check_against_eager(eager, fwd, probe, (1, 3), tol)
             tmp.replace(path)
             log.info(
@@ -458,13 +464,15 @@ def build_engine(
     *,
     exporters: Sequence[str] = EXPORTERS,
     budget_s: float = 4.0,
+    spin_wait: bool = True,
 ) -> Engine:
     """The forward engine of ``module`` (eval mode, on ``device``) for ``entry``'s version.
 
     ``use_onnx`` and ``intra_op_threads`` (0 = number of cores) come from the settings
     ``onnx_engine`` and ``intra_op_threads``. ``exporters``: tried in order. ``budget_s``:
     seconds each of the two batch-size measurements may take (first start per device only).
-    Never raises for an unexportable model: see the module docstring.
+    ``spin_wait``: see :func:`ort_forward`. Never raises for an unexportable model: see the
+    module docstring.
     """
     device = torch.device(device)
     threads = intra_op_threads or os.cpu_count() or 1
@@ -486,7 +494,9 @@ def build_engine(
             reason = cached["reason"]  # failed before on this device: do not pay for it again
         elif use_onnx:
             try:
-                forward, exporter = _onnx_engine(module, eager, onnx_path, shape, device, threads, exporters, tol)
+                forward, exporter = _onnx_engine(
+                    module, eager, onnx_path, shape, device, threads, exporters, tol, spin_wait
+                )
                 name = "onnxruntime-cuda" if device.type == "cuda" else "onnxruntime"
                 if exporter:
                     meta.update(exporter=exporter, torch=torch.__version__)

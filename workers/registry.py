@@ -199,7 +199,13 @@ class ModelCache:
     """Loaded models of one worker process, keyed by (id, version); loads each once."""
 
     def __init__(
-        self, models_dir: Path, cache_dir: Path, device: str = "auto", onnx: bool = True, intra_op_threads: int = 0
+        self,
+        models_dir: Path,
+        cache_dir: Path,
+        device: str = "auto",
+        onnx: bool = True,
+        intra_op_threads: int = 0,
+        spin_wait: bool = True,
     ) -> None:
         self.models_dir = models_dir
         self.registry = ModelRegistry(models_dir)
@@ -207,12 +213,15 @@ class ModelCache:
         self.device = resolve_device(device)
         self.onnx = onnx
         self.intra_op_threads = intra_op_threads
+        self.spin_wait = spin_wait  # ONNX Runtime threads spin between runs (workers.engine.ort_forward)
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, s: Settings) -> ModelCache:
-        return cls(s.models_dir, s.cache_dir, s.device, onnx=s.onnx_engine, intra_op_threads=s.intra_op_threads)
+    def from_settings(cls, s: Settings, spin_wait: bool = True) -> ModelCache:
+        return cls(
+            s.models_dir, s.cache_dir, s.device, s.onnx_engine, intra_op_threads=s.intra_op_threads, spin_wait=spin_wait
+        )
 
     def get(self, model_id: str, version: str | None = None) -> LoadedModel:
         entry = self.registry.get(model_id)
@@ -233,7 +242,13 @@ class ModelCache:
 
         module = build_module(entry).to(self.device)
         engine = build_engine(
-            module, entry, self.cache_dir, self.device, use_onnx=self.onnx, intra_op_threads=self.intra_op_threads
+            module,
+            entry,
+            self.cache_dir,
+            self.device,
+            use_onnx=self.onnx,
+            intra_op_threads=self.intra_op_threads,
+            spin_wait=self.spin_wait,
         )
         log.info("loaded %s (%s) on %s with %s", entry.manifest.id, entry.version[:12], self.device, engine.name)
         return LoadedModel(
