@@ -39,7 +39,8 @@ class InfluenceParams(JobParams):
         None,
         min_length=1,
         description="module names; each is one block of parameters (weight and bias together; a "
-        "container module = all parameters under it). null = every module that owns parameters "
+        "container module = all parameters under it; '' = the whole model as one block, Koh and Liang's "
+        "non-layer-wise influence). null = every module that owns parameters "
         "(BatchNorm's affine weight and bias are a layer of their own; its running statistics are "
         "fixed buffers)",
     )

@@ -15,9 +15,11 @@ Positive = helpful (removing ``z_j`` raises the test loss by about ``score / n``
 
 What a "layer" is: a module that owns parameters directly, with all of them (weight and
 bias) as one block; a requested container module (``layer4``) is one block of all the
-parameters under it. BatchNorm's affine weight and bias are a layer of their own; its
-running mean and variance are buffers, fixed at their trained values (the model is in eval
-mode), so the gradients see BatchNorm as the per-channel affine map it is at inference.
+parameters under it, and ``""`` (the root) is the whole model as one block: Koh and Liang's
+influence with the full curvature, cross-layer terms included. BatchNorm's affine weight and
+bias are a layer of their own; its running mean and variance are buffers, fixed at their
+trained values (the model is in eval mode), so the gradients see BatchNorm as the
+per-channel affine map it is at inference.
 
 Curvature: ``ggn`` (default) is the generalised Gauss-Newton matrix ``J^T (diag p - p p^T) J``,
 the Fisher information of the softmax output: positive semi-definite by construction, so
