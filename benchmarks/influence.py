@@ -8,6 +8,10 @@ For each solver (exact, cg, lissa, arnoldi) and layer set (``fc``; all three lay
 - disk: a fresh process's view: memory caches emptied, the on-disk gradient cache kept;
 - pearson: agreement with ``exact`` per layer on the warm image (min over layers).
 
+Each time is wall clock, with the process's CPU time beside it (``*_cpu_s``: on a shared
+machine the dependable figure; with ``--threads 1`` it is the work done). The load average
+is printed at the start and the end.
+
 Captum (0.9.0): ``NaiveInfluenceFunction`` (explicit Hessian) and ``ArnoldiInfluenceFunction``
 on the same layers; cold = construction + one test image, warm = a second test image. Captum
 treats the requested layers as one block (not layer-wise), so it is compared with our
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -68,16 +73,18 @@ def main() -> None:
     dev = model.device
     images = [(torch.from_numpy(x_te[i : i + 1])[:, None].to(dev), torch.from_numpy(y_te[i : i + 1]).to(dev))
               for i in (0, 1)]
-    print(f"device={dev} threads={torch.get_num_threads()} training points={len(train)}")
+    load_start = os.getloadavg()
+    print(f"device={dev} threads={torch.get_num_threads()} training points={len(train)} "
+          f"load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
 
-    def run(params: InfluenceParams, store: inf.GradientStore, i: int) -> tuple[float, inf.InfluenceScores]:
+    def run(params: InfluenceParams, store: inf.GradientStore, i: int) -> tuple[float, float, inf.InfluenceScores]:
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = inf.compute_influence(model, train, images[i][0], images[i][1], params, store=store)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, res
+        return time.perf_counter() - t0, time.process_time() - c0, res
 
     rows = []
     for set_name in args.layer_sets.split(","):
@@ -88,17 +95,18 @@ def main() -> None:
             disk = cache_root / f"{set_name}-{solver}"
             inf._factors.clear()
             store = inf.GradientStore(disk)
-            cold, _ = run(params, store, 0)
-            warm, res = run(params, store, 1)
+            cold, cold_cpu, _ = run(params, store, 0)
+            warm, warm_cpu, res = run(params, store, 1)
             inf._factors.clear()
-            disk_s, _ = run(params, inf.GradientStore(disk), 1)
+            disk_s, disk_cpu, _ = run(params, inf.GradientStore(disk), 1)
             if solver == "exact":
                 exact_warm = res.scores
             agree = (min(pearson(res.scores[0, li], exact_warm[0, li]) for li in range(len(layers)))
                      if exact_warm is not None else None)
             row = {
                 "layers": set_name, "impl": "ours", "solver": solver, "cold_s": cold, "warm_s": warm,
-                "disk_s": disk_s, "pearson_vs_exact": agree, "sound": res.sound(0),
+                "disk_s": disk_s, "cold_cpu_s": cold_cpu, "warm_cpu_s": warm_cpu, "disk_cpu_s": disk_cpu,
+                "pearson_vs_exact": agree, "sound": res.sound(0),
                 "iterations": [r.iterations[0] for r in res.reports],
                 "residual": [round(r.residual[0], 6) for r in res.reports],
             }
@@ -107,15 +115,24 @@ def main() -> None:
         if not args.skip_captum:
             rows.extend(captum_rows(model, train, images, layers, set_name, exact_warm))
 
+    load_end = os.getloadavg()
     print()
-    print(f"{'layers':6} {'impl':7} {'solver':8} {'cold s':>8} {'warm s':>8} {'disk s':>8} {'pearson':>8}  sound")
+    print(f"load average at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    print("times in s, wall (CPU)")
+    print(f"{'layers':6} {'impl':7} {'solver':8} {'cold':>16} {'warm':>16} {'disk':>16} {'pearson':>8}  sound")
+
+    def cell(r: dict, k: str) -> str:
+        if r.get(f"{k}_s") is None:
+            return ""
+        return f"{r[f'{k}_s']:.2f} ({r[f'{k}_cpu_s']:.2f})"
+
     for r in rows:
         p = "" if r.get("pearson_vs_exact") is None else f"{r['pearson_vs_exact']:.4f}"
-        disk = "" if r.get("disk_s") is None else f"{r['disk_s']:.2f}"
-        print(f"{r['layers']:6} {r['impl']:7} {r['solver']:8} {r['cold_s']:8.2f} {r['warm_s']:8.2f} {disk:>8} "
-              f"{p:>8}  {r.get('sound', '')}")
+        print(f"{r['layers']:6} {r['impl']:7} {r['solver']:8} {cell(r, 'cold'):>16} {cell(r, 'warm'):>16} "
+              f"{cell(r, 'disk'):>16} {p:>8}  {r.get('sound', '')}")
     if args.json:
-        summary = {"device": str(dev), "threads": torch.get_num_threads(), "rows": rows}
+        summary = {"device": str(dev), "threads": torch.get_num_threads(), "load_start": load_start,
+                   "load_end": load_end, "rows": rows}
         args.json.write_text(json.dumps(summary, indent=1))
 
 
@@ -142,20 +159,20 @@ def captum_rows(model, train, images, layers, set_name, exact_warm) -> list[dict
         module = copy.deepcopy(model.module)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 fn = build(module)
                 fn.influence(images[0])
-                cold = time.perf_counter() - t0
-                t0 = time.perf_counter()
+                cold, cold_cpu = time.perf_counter() - t0, time.process_time() - c0
+                t0, c0 = time.perf_counter(), time.process_time()
                 scores = fn.influence(images[1]).cpu().numpy() * n
-                warm = time.perf_counter() - t0
+                warm, warm_cpu = time.perf_counter() - t0, time.process_time() - c0
             except Exception as e:  # report, do not hide, what Captum cannot do here
                 print(f"captum {name} on {set_name}: {type(e).__name__}: {e}")
                 continue
         agree = pearson(scores[0], exact_warm[0, 0]) if set_name == "fc" and exact_warm is not None else None
         row = {"layers": set_name, "impl": "captum", "solver": name, "cold_s": cold, "warm_s": warm,
-               "disk_s": None, "pearson_vs_exact": agree}
+               "cold_cpu_s": cold_cpu, "warm_cpu_s": warm_cpu, "disk_s": None, "pearson_vs_exact": agree}
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
