@@ -14,6 +14,7 @@
     ├── QueueUnavailable      503  Redis unreachable (with Retry-After)
     ├── NoWorker              503  no worker answered a synchronous call in time
     └── JobFailure            500-class errors raised inside a job (type names the cause)
+        └── MemoryBudgetExceeded  the job grew the worker past its kind's memory budget
 
 Both the API and the workers raise these; the API maps them to HTTP in exactly one place
 (``service.errors.install_error_handlers``); a job stores ``{"type", "message"}`` of the
@@ -126,3 +127,13 @@ class JobFailure(InspectorError):
     def __init__(self, message: str, type: str = "job_failed", details: Any = None) -> None:
         super().__init__(message, details)
         self.type = type
+
+
+class MemoryBudgetExceeded(JobFailure):
+    """Raised into a job by its worker's watchdog (``workers.budget``): the job grew the
+    worker's resident memory by more than its kind's budget. Never retried: it would again."""
+
+    message_default = "the job exceeded its memory budget"
+
+    def __init__(self, message: str | None = None, details: Any = None) -> None:
+        super().__init__(message or self.message_default, type="memory_budget", details=details)

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from schemas.attribution import AttributionParams, CompareParams, OcclusionMapParams
 from schemas.influence import InfluenceGroupsParams, InfluenceParams
 from schemas.params import SaliencyParams
+from schemas.settings import Settings
 from schemas.u_analysis import UAnalysisParams, USweepParams
 
 Queue = Literal["high", "default", "low"]
@@ -29,6 +30,16 @@ class KindSpec:
     max_images: int | None = None  # None = the server's per-request limit
     files: tuple[str, ...] = ()  # extra uploads the kind accepts (e.g. "attribution" .npy)
     timeout_s: int | None = None  # time budget of one job; None = settings.job_timeout_s
+    memory_mb: int | None = None  # memory budget of one job; None = settings.job_memory_mb (0: none)
+
+
+def budgets(spec: KindSpec, settings: Settings) -> tuple[int, int]:
+    """``(seconds, MiB)`` one job of this kind may take. An operator's ``kind_timeout_s`` /
+    ``kind_memory_mb`` entry for the kind wins, then the catalogue's, then ``job_timeout_s`` /
+    ``job_memory_mb``. 0 MiB: no memory budget."""
+    seconds = settings.kind_timeout_s.get(spec.name) or spec.timeout_s or settings.job_timeout_s
+    memory = settings.kind_memory_mb.get(spec.name, spec.memory_mb)
+    return seconds, settings.job_memory_mb if memory is None else memory
 
 
 KINDS: dict[str, KindSpec] = {

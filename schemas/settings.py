@@ -27,6 +27,15 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(16, gt=0)
 
     job_timeout_s: int = Field(3600, gt=0, description="a job running longer is stopped and failed")
+    job_memory_mb: int = Field(
+        0, ge=0, description="a job growing its worker's resident memory by more is stopped and failed; 0 = no limit"
+    )
+    kind_timeout_s: dict[str, int] = Field(
+        default_factory=dict, description='per-kind time budgets in s, JSON, e.g. {"u_sweep": 14400}'
+    )
+    kind_memory_mb: dict[str, int] = Field(
+        default_factory=dict, description='per-kind memory budgets in MiB (0 = none), JSON, e.g. {"influence": 4096}'
+    )
     result_ttl_s: int = Field(24 * 3600, gt=0, description="how long results and artifacts are kept")
     predict_timeout_s: float = Field(30.0, gt=0, description="how long a predict request waits")
 

@@ -34,7 +34,7 @@ from rq.serializers import JSONSerializer
 from schemas import keys
 from schemas.errors import BadParams, ErrorBody, IdempotencyKeyReused, InspectorError, NoWorker, UnknownJob
 from schemas.jobs import ArtifactLink, JobPayload, JobStatus, JobView, PredictResponse, Progress
-from schemas.kinds import KINDS, KindSpec
+from schemas.kinds import KINDS, KindSpec, budgets
 from schemas.manifests import ModelEntry
 from schemas.settings import Settings
 from service.auth import ANONYMOUS
@@ -234,7 +234,7 @@ def _find_or_enqueue(
     job_id: str,
 ) -> tuple[Job, bool]:
     spec = KINDS[kind]
-    timeout = spec.timeout_s or settings.job_timeout_s
+    timeout, memory_mb = budgets(spec, settings)
     waits = _retry_waits(settings)
     # One submitter at a time per id, so two identical requests cannot both enqueue.
     with conn.lock(keys.submit_lock_key(job_id), timeout=10, blocking_timeout=5):
@@ -273,6 +273,7 @@ def _find_or_enqueue(
                 "kind": kind,
                 "model_id": entry.manifest.id,
                 "tenant": options.tenant,
+                "memory_mb": memory_mb,  # the worker's watchdog enforces it (workers.budget)
                 "progress": Progress().model_dump(),
             },
             description=f"{kind} on {entry.manifest.id}",

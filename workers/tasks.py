@@ -27,6 +27,7 @@ from schemas.errors import BadParams, InspectorError, JobFailure
 from schemas.jobs import ClassScore, JobPayload, Prediction, PredictResponse
 from schemas.kinds import KINDS
 from schemas.settings import get_settings
+from workers.budget import MEMORY
 from workers.explain.base import Inputs, JobCanceled, KindResult, LoadedModel
 from workers.fanout import ChunkBoard, work_through
 from workers.pipeline import JobContext, decode, execute, forward_in_chunks, kind_module, load_inputs
@@ -192,10 +193,11 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         params, pngs, context = _prepare(conn, p, job.id)
         progress = RedisProgress(job)
-        if hasattr(kind_module(p.kind), "run_chunk"):
-            result = _run_chunked(job, p, params, pngs, context, progress)
-        else:
-            result = execute(model_cache(), p.kind, p.model_id, p.model_version, pngs, params, progress, context)
+        with MEMORY.applied(int(job.meta.get("memory_mb") or 0)):
+            if hasattr(kind_module(p.kind), "run_chunk"):
+                result = _run_chunked(job, p, params, pngs, context, progress)
+            else:
+                result = execute(model_cache(), p.kind, p.model_id, p.model_version, pngs, params, progress, context)
         ttl = settings.result_ttl_s
         with conn.pipeline() as pipe:
             for a in result.artifacts:

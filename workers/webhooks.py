@@ -56,7 +56,7 @@ from schemas.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 DELIVER_FUNC = "workers.webhooks.deliver"
-NOT_RETRIED = ("canceled", "timeout")
+NOT_RETRIED = ("canceled", "timeout", "memory_budget")
 
 
 class WebhookFailed(Exception):

@@ -12,14 +12,14 @@ with ``AbandonedJobError``, which the API reports as ``worker_lost`` (or reruns 
 
 Also here: the predict batcher thread (``workers.batching``), graceful shutdown (SIGTERM:
 RQ's warm shutdown lets the running job finish, then the batcher finishes its batch and
-the worker exits), and recycling (``max_jobs`` through RQ; ``max_rss_mb`` here: a worker
-that a job left above it exits after that job, for its supervisor to start a fresh one).
+the worker exits), recycling (``max_jobs`` through RQ; ``max_rss_mb`` here: a worker
+that a job left above it exits after that job, for its supervisor to start a fresh one),
+and each job's memory budget, checked at every beat (``workers.budget``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
 from schemas import keys
+from workers.budget import MEMORY, rss_mb
 
 if TYPE_CHECKING:
     from workers.batching import PredictBatcher
@@ -51,15 +52,6 @@ def reap_abandoned(conn: Redis, queue_names: tuple[str, ...] = keys.QUEUES) -> N
             ).cleanup()
         finally:
             lock.release()
-
-
-def rss_mb() -> float:
-    """Resident memory of this process in MiB (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def count_attempt(job: Job) -> None:
@@ -128,6 +120,7 @@ class InspectorWorker(SimpleWorker):
                         for execution in list(self.executions.values()):
                             execution.heartbeat(queue.started_job_registry, self.lost_after_s, pipe)
                     pipe.execute()
+                MEMORY.check()  # the running job's memory budget (workers.budget)
                 reap_abandoned(self.connection)
                 self._revive_scheduler()
             except Exception:  # a Redis blip must not kill the heartbeat; the next beat retries

@@ -338,6 +338,28 @@ def test_job_over_its_kinds_time_budget_fails_with_timeout(env, api, monkeypatch
     assert submit(api, "saliency", [image], "digits-cnn", wait=60).status_code == 200  # worker still serving
 
 
+def test_job_over_its_kinds_memory_budget_fails_and_the_worker_serves_on(env):
+    """A job that loads a model no worker holds yet and runs it on 8 images grows its
+    worker by far more than 5 MiB: stopped at the next beat (1 s), failed, not retried."""
+    from service.main import create_app
+
+    env.worker()  # a fresh worker, whatever the earlier tests left running
+    budgeted = env.settings.model_copy(update={"kind_memory_mb": {"saliency": 5}})
+    with TestClient(create_app(budgeted)) as api:
+        from skimage import data as skdata
+
+        files = [("image", (f"{i}.png", png(np.roll(skdata.chelsea(), i, axis=0)), "image/png")) for i in range(8)]
+        form = {"model_id": "efficientnet-lite1", "params": json.dumps({"batch_size": 1})}
+        r = api.post("/v1/jobs/saliency", files=files, data=form)
+        assert r.status_code == 202, r.text
+        view, _ = wait_for(api, r.json()["id"], timeout=180)
+        assert view["status"] == "failed" and view["error"]["type"] == "memory_budget", view
+        assert "budget is 5 MiB" in view["error"]["message"]
+        assert env.job(r.json()["id"]).meta["attempt"] == 1, "a job over its memory budget is not retried"
+    with TestClient(create_app(env.settings)) as api:  # no budget: the same workers still serve
+        assert submit(api, "saliency", [digit_png(25)[0]], "digits-cnn", wait=60).status_code == 200
+
+
 # --- graceful shutdown -----------------------------------------------------------------------
 
 
