@@ -38,7 +38,7 @@ import logging
 import socket
 import time
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from redis import Redis
@@ -188,22 +188,42 @@ def verify_signature(
     return age <= tolerance_s and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
-def check_destination(url: str, settings: Settings) -> None:
+def check_destination(url: str, settings: Settings) -> str | None:
     """Refuse URLs whose host resolves to a loopback, private, link-local or otherwise
-    non-global address (SSRF into the cluster), unless ``webhook_allow_private``."""
+    non-global address (SSRF into the cluster), unless ``webhook_allow_private``.
+
+    Returns the checked address to connect to (None when private addresses are allowed):
+    the delivery connects to it rather than resolving the name again, so a DNS answer
+    that changes between the check and the connection (DNS rebinding) cannot redirect it."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookRefused(f"not an http(s) URL: {url!r}")
     if settings.webhook_allow_private:
-        return
+        return None
     try:
         infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
     except OSError as e:
         raise WebhookFailed(f"cannot resolve {parts.hostname!r}: {e}") from None  # maybe transient
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
+    addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    for address in addresses:
         if not address.is_global:
             raise WebhookRefused(f"{parts.hostname!r} resolves to non-public address {address}")
+    if not addresses:
+        raise WebhookFailed(f"{parts.hostname!r} has no address")
+    return str(addresses[0])
+
+
+def pinned(url: str, address: str | None) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """``(url, headers, extensions)`` of a request to ``url`` that connects to ``address``
+    (None: resolve as usual) while the server sees the original host: the ``Host`` header,
+    and for https the TLS server name (SNI) that the certificate is verified against."""
+    if address is None:
+        return url, {}, {}
+    parts = urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    target = urlunsplit(parts._replace(netloc=host if parts.port is None else f"{host}:{parts.port}"))
+    extensions: dict[str, Any] = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return target, {"Host": parts.netloc.rpartition("@")[2]}, extensions
 
 
 def deliver(payload: dict[str, Any]) -> dict[str, Any]:
@@ -216,10 +236,11 @@ def deliver(payload: dict[str, Any]) -> dict[str, Any]:
     if body is None:
         return {"skipped": "the job's event expired"}
     try:
-        check_destination(url, settings)
+        address = check_destination(url, settings)
     except WebhookRefused:
         current.retries_left = 0
         raise
+    target, host, extensions = pinned(url, address)
     timestamp = str(int(time.time()))
     headers = {
         "Content-Type": "application/json",
@@ -228,9 +249,11 @@ def deliver(payload: dict[str, Any]) -> dict[str, Any]:
         "X-Inspector-Delivery": current.id,
         "X-Inspector-Timestamp": timestamp,
         "X-Inspector-Signature": sign(settings.webhook_secret, timestamp, body),
+        **host,
     }
     try:
-        r = httpx.post(url, content=body, headers=headers, timeout=settings.webhook_timeout_s, follow_redirects=False)
+        with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False) as client:
+            r = client.post(target, content=body, headers=headers, extensions=extensions)
     except httpx.HTTPError as e:
         raise WebhookFailed(f"{url}: {type(e).__name__}: {e}") from None
     if not 200 <= r.status_code < 300:
