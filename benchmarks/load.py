@@ -42,6 +42,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from lean_http import Connection, multipart_request
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -121,45 +122,6 @@ def forward_limit(model_id: str, image: bytes, batch: int, seconds: float, env: 
         out[name] = n / (time.perf_counter() - t0)
         out[f"{name} cpu_ms"] = (own_cpu_s() - c0) / n * 1000
     return out
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection that posts a prepared request and reads the answer.
-
-    A load generator must cost little next to what it measures: on the same two cores,
-    httpx's client took about as much CPU per request as the API itself (5-7 ms)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
-        return cls(*await asyncio.open_connection(host, port))
-
-    async def post(self, request: bytes) -> tuple[int, bytes]:
-        self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        length = next(int(v) for k, _, v in (x.partition(":") for x in lines[1:]) if k.lower() == "content-length")
-        return status, await self.reader.readexactly(length)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def multipart_request(host: str, port: int, path: str, image: bytes, filename: str, media_type: str) -> bytes:
-    """The bytes of ``POST path`` with ``image`` as the multipart field ``image``."""
-    boundary = "inspector-load-boundary"
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-        f"Content-Type: {media_type}\r\n\r\n"
-    ).encode() + image + f"\r\n--{boundary}--\r\n".encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; boundary={boundary}"
-        f"\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
 
 
 async def predict_load(

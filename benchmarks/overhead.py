@@ -4,7 +4,8 @@ Starts its own redis-server (free port), one worker and the API (uvicorn), then 
 N sequential predicts of one digits-cnn image (a) through HTTP and (b) by calling the
 worker's predict function directly in this process on the stored image (same decode,
 preprocess, forward; the API's upload check and decode count as overhead).
-Prints p50/p95 of both and of the difference (the service's overhead).
+Prints p50/p95 of both and of the difference (the service's overhead). The client is the
+lean one of ``lean_http`` (one keep-alive connection), so its own cost is not counted.
 
     python benchmarks/overhead.py [-n 200] [--model digits-cnn]
 """
@@ -12,6 +13,7 @@ Prints p50/p95 of both and of the difference (the service's overhead).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import socket
 import statistics
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from lean_http import Connection, multipart_request
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -76,19 +79,27 @@ def main() -> None:
 
         stored = decode_image(image, 1 << 24, 1 << 24).data  # the worker reads what the API stored
 
-        with httpx.Client(base_url=base, timeout=30) as http:
-            url = f"/v1/models/{args.model}/predict"
+        host, port = "127.0.0.1", api_port
+        request = multipart_request(host, port, f"/v1/models/{args.model}/predict", image, "x.png", "image/png")
+
+        async def timed() -> tuple[list[float], list[float]]:
+            conn = await Connection.open(host, port)
             for _ in range(10):  # warm-up: connections, model load, code paths
-                http.post(url, files={"image": ("x.png", image, "image/png")}).raise_for_status()
+                assert (await conn.post(request))[0] == 200
                 predict_images(args.model, [stored], 5)
             api_ms, direct_ms = [], []
             for _ in range(args.n):
                 t0 = time.perf_counter()
-                http.post(url, files={"image": ("x.png", image, "image/png")}).raise_for_status()
+                status, body = await conn.post(request)
                 api_ms.append((time.perf_counter() - t0) * 1000)
+                assert status == 200, body
                 t0 = time.perf_counter()
                 predict_images(args.model, [stored], 5)
                 direct_ms.append((time.perf_counter() - t0) * 1000)
+            conn.close()
+            return api_ms, direct_ms
+
+        api_ms, direct_ms = asyncio.run(timed())
         over = [a - d for a, d in zip(api_ms, direct_ms, strict=True)]
         print(f"predict on {args.model}, {args.n} sequential requests, one worker, CPU")
         print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}")
