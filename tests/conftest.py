@@ -121,13 +121,23 @@ def _spawn_redis(port: int) -> subprocess.Popen:
     raise RuntimeError("redis-server did not start")
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def _redis_on_free_port() -> Iterator[RedisServer]:
     port = free_port()
     server = RedisServer(port, _spawn_redis(port))
     yield server
     server.process.kill()
     server.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    yield from _redis_on_free_port()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own (nothing another test left in it)."""
+    yield from _redis_on_free_port()
 
 
 @pytest.fixture(scope="session")

@@ -434,7 +434,7 @@ def test_concurrent_predicts_are_batched_and_each_gets_its_own_answer(app, worke
     assert max(sizes) > 1, f"no two concurrent predicts shared a forward: {sizes}"
 
 
-def test_batcher_fills_batches_drops_expired_requests_and_reports_bad_ones(model_cache):
+def test_batcher_fills_batches_drops_expired_requests_and_reports_bad_ones(model_cache, own_redis):
     from PIL import Image
     from redis import Redis
 
@@ -442,42 +442,36 @@ def test_batcher_fills_batches_drops_expired_requests_and_reports_bad_ones(model
     from workers.batching import PredictBatcher
     from workers.registry import preprocess
 
-    port = free_port()
-    server = RedisServer(port, _spawn_redis(port))
-    try:
-        conn = Redis.from_url(server.url)
-        batcher = PredictBatcher(conn, model_cache, max_batch=4, max_delay_ms=50, block_s=0.2)
-        queue = keys.predict_queue_key("digits-cnn")
-        for i in range(6):
-            image, _ = digit_png(40 + i)
-            if i != 2:  # request 2's input is missing (expired)
-                conn.set(keys.input_key(f"in{i}"), image)
-            deadline = time.time() - 1 if i == 1 else time.time() + 30  # request 1's client gave up
-            conn.rpush(queue, json.dumps({"id": f"r{i}", "inputs": [f"in{i}"], "top_k": 3, "deadline": deadline}))
-        first = batcher.serve(*batcher.next_batch())
-        assert set(first) == {"r0", "r2", "r3"} and "r1" not in first  # 4 taken, the expired one dropped
-        assert first["r2"]["error"]["type"] == "input_expired"
-        assert first["r0"]["batch_size"] == first["r3"]["batch_size"] == 2
-        t0 = time.monotonic()
-        second = batcher.serve(*batcher.next_batch())
-        assert set(second) == {"r4", "r5"} and second["r4"]["batch_size"] == 2
-        assert time.monotonic() - t0 < 5
-        assert batcher.next_batch() is None  # nothing queued: returns after block_s
-        model = model_cache.get("digits-cnn")
-        for rid in ("r0", "r3", "r4", "r5"):
-            reply = json.loads(conn.lpop(keys.reply_key(rid)))
-            x, _ = preprocess([Image.open(io.BytesIO(digit_png(40 + int(rid[1]))[0]))], model.manifest.preprocessing)
-            probs = model.forward(x).softmax(1)[0]
-            top = reply["predictions"][0]["top"]
-            assert [t["index"] for t in top] == probs.topk(3).indices.tolist()
-            assert abs(top[0]["probability"] - float(probs.max())) < 1e-5
-        assert conn.lpop(keys.reply_key("r1")) is None
-    finally:
-        server.process.kill()
-        server.process.wait(10)
+    conn = Redis.from_url(own_redis.url)
+    batcher = PredictBatcher(conn, model_cache, max_batch=4, max_delay_ms=50, block_s=0.2)
+    queue = keys.predict_queue_key("digits-cnn")
+    for i in range(6):
+        image, _ = digit_png(40 + i)
+        if i != 2:  # request 2's input is missing (expired)
+            conn.set(keys.input_key(f"in{i}"), image)
+        deadline = time.time() - 1 if i == 1 else time.time() + 30  # request 1's client gave up
+        conn.rpush(queue, json.dumps({"id": f"r{i}", "inputs": [f"in{i}"], "top_k": 3, "deadline": deadline}))
+    first = batcher.serve(*batcher.next_batch())
+    assert set(first) == {"r0", "r2", "r3"} and "r1" not in first  # 4 taken, the expired one dropped
+    assert first["r2"]["error"]["type"] == "input_expired"
+    assert first["r0"]["batch_size"] == first["r3"]["batch_size"] == 2
+    t0 = time.monotonic()
+    second = batcher.serve(*batcher.next_batch())
+    assert set(second) == {"r4", "r5"} and second["r4"]["batch_size"] == 2
+    assert time.monotonic() - t0 < 5
+    assert batcher.next_batch() is None  # nothing queued: returns after block_s
+    model = model_cache.get("digits-cnn")
+    for rid in ("r0", "r3", "r4", "r5"):
+        reply = json.loads(conn.lpop(keys.reply_key(rid)))
+        x, _ = preprocess([Image.open(io.BytesIO(digit_png(40 + int(rid[1]))[0]))], model.manifest.preprocessing)
+        probs = model.forward(x).softmax(1)[0]
+        top = reply["predictions"][0]["top"]
+        assert [t["index"] for t in top] == probs.topk(3).indices.tolist()
+        assert abs(top[0]["probability"] - float(probs.max())) < 1e-5
+    assert conn.lpop(keys.reply_key("r1")) is None
 
 
-def test_batcher_waits_for_company_only_when_requests_come_concurrently(model_cache):
+def test_batcher_waits_for_company_only_when_requests_come_concurrently(model_cache, own_redis):
     """A lone request is served at once; after a batch of several, the next batch waits up to
     ``max_delay_ms`` for more (the adaptive window of ``workers.batching``)."""
     from redis import Redis
@@ -485,31 +479,25 @@ def test_batcher_waits_for_company_only_when_requests_come_concurrently(model_ca
     from schemas import keys
     from workers.batching import PredictBatcher
 
-    port = free_port()
-    server = RedisServer(port, _spawn_redis(port))
-    try:
-        conn = Redis.from_url(server.url)
-        batcher = PredictBatcher(conn, model_cache, max_batch=8, max_delay_ms=800, block_s=0.2)
-        queue = keys.predict_queue_key("digits-cnn")
+    conn = Redis.from_url(own_redis.url)
+    batcher = PredictBatcher(conn, model_cache, max_batch=8, max_delay_ms=800, block_s=0.2)
+    queue = keys.predict_queue_key("digits-cnn")
 
-        def push(i: int) -> None:
-            request = {"id": f"r{i}", "inputs": ["in"], "top_k": 1, "deadline": time.time() + 30}
-            conn.rpush(queue, json.dumps(request))
+    def push(i: int) -> None:
+        request = {"id": f"r{i}", "inputs": ["in"], "top_k": 1, "deadline": time.time() + 30}
+        conn.rpush(queue, json.dumps(request))
 
-        push(0)
-        t0 = time.monotonic()
-        _, batch = batcher.next_batch()
-        assert [r.id for r in batch] == ["r0"] and time.monotonic() - t0 < 0.6  # no 800 ms wait
-        push(1), push(2)
-        _, batch = batcher.next_batch()
-        assert [r.id for r in batch] == ["r1", "r2"]  # queued together: taken together
-        push(3)
-        t0 = time.monotonic()
-        _, batch = batcher.next_batch()
-        assert [r.id for r in batch] == ["r3"] and time.monotonic() - t0 >= 0.8  # waited the window
-    finally:
-        server.process.kill()
-        server.process.wait(10)
+    push(0)
+    t0 = time.monotonic()
+    _, batch = batcher.next_batch()
+    assert [r.id for r in batch] == ["r0"] and time.monotonic() - t0 < 0.6  # no 800 ms wait
+    push(1), push(2)
+    _, batch = batcher.next_batch()
+    assert [r.id for r in batch] == ["r1", "r2"]  # queued together: taken together
+    push(3)
+    t0 = time.monotonic()
+    _, batch = batcher.next_batch()
+    assert [r.id for r in batch] == ["r3"] and time.monotonic() - t0 >= 0.8  # waited the window
 
 
 def test_the_api_reaps_a_dead_workers_job_without_worker_code(settings):
