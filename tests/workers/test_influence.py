@@ -382,6 +382,25 @@ def test_indefinite_hessian_is_flagged(solver):
     assert not ggn.reports[0].indefinite
 
 
+def test_whole_digits_cnn_hessian_is_flagged_when_damping_is_too_small(digits, digits_train, digits_test):
+    """Issue 8's silent failure on the real model: digits-cnn as one block (``layers=[""]``, all
+    5,130 parameters, cross-layer terms included) has an indefinite Hessian. Lanczos finds its
+    smallest eigenvalue (about -5.4e-4 with these weights: converged, the same at 60, 150 and
+    300 steps), so with damping 1e-4 the solve is flagged however well CG's residual looks.
+    (With the default damping 0.01 the damped Hessian is positive definite here.)"""
+    x, y = digits_test
+    res = inf.compute_influence(digits, digits_train, x[:1], y[:1],
+                                InfluenceParams(layers=[""], curvature="hessian", damping=1e-4, cg_max_iter=10),
+                                store=inf.GradientStore(None))
+    report = res.reports[0]
+    assert res.layers[0].numel == 5130
+    figure(f"digits-cnn whole-model Hessian: Lanczos eigenvalue bounds min {report.min_eigenvalue:.3g}, "
+           f"max {report.max_eigenvalue:.3g}; flagged indefinite at damping 1e-4: {report.indefinite}")
+    assert report.min_eigenvalue is not None and report.min_eigenvalue + 1e-4 < 0
+    assert report.indefinite and not res.sound(0)
+    assert any("negative eigenvalue" in note for note in report.notes)
+
+
 def test_non_converged_cg_is_flagged(digits, digits_train, digits_test, store):
     x, y = digits_test
     res = inf.compute_influence(digits, digits_train, x, y,
