@@ -31,7 +31,17 @@ def redis_for(url: str, timeout_s: float) -> Redis:
     )
 
 
-def get_redis(settings: Annotated[Settings, Depends(get_settings)]) -> Redis:
+# Every dependency is ``async def``: FastAPI runs a plain ``def`` one in its thread pool, a
+# thread hand-off per dependency per request.
+
+
+async def app_settings(request: Request) -> Settings:
+    """The settings the app was created with (``service.main.create_app``)."""
+    settings: Settings = getattr(request.app.state, "settings", None) or get_settings()
+    return settings
+
+
+async def get_redis(settings: Annotated[Settings, Depends(app_settings)]) -> Redis:
     return redis_for(settings.redis_url, settings.redis_timeout_s)
 
 
@@ -39,7 +49,7 @@ def queue(name: str, conn: Redis) -> Queue:
     return Queue(name, connection=conn, serializer=JSONSerializer)
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 
 _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, float], AsyncRedis]] = (
@@ -62,11 +72,11 @@ async def get_async_redis(settings: SettingsDep) -> AsyncRedis:
 AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 

@@ -23,8 +23,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Predictions and explanations (attributions, U Analysis, influence, ...) "
         "for PyTorch image classifiers, as jobs run by GPU workers through Redis.",
     )
-    if settings is not get_settings():
-        app.dependency_overrides[get_settings] = lambda: settings
+    app.state.settings = settings  # what service.deps.SettingsDep hands the routes
     app.state.registry = ModelRegistry(settings.models_dir)
     app.state.metrics = Metrics(lambda: redis_for(settings.redis_url, settings.redis_timeout_s))
     app.add_middleware(app.state.metrics.middleware)
