@@ -14,12 +14,23 @@ method of the ``attribution`` kind, with the method's params (defaults, or small
   forward+backward evaluations at the best images/s of eager forward+backward to the input
   (parameter gradients off). Gradient-pass counts follow the algorithm (IG: ``n_steps``,
   DeepLift: input and baseline, LRP: one forward plus one forward+backward...); forward
-  counts are those Captum actually evaluates (counted).
+  counts are those Captum's own run evaluates (counted on its module);
+- ``paired``: the same evaluations alone (the best batch sizes of this run, raw passes of the
+  engine's forward or of eager forward+backward), timed right after our run and right after
+  Captum's, the faster counting: on a machine shared with other jobs the load drifts
+  between the throughput measurement at the start and a method minutes later, and the
+  paired figure isolates what the method adds to its evaluations;
+- wall-clock and CPU-time (``time.process_time``) ratios: with ``--intra-op 1`` the CPU time
+  is what the work costs, whatever share of the cores the other processes leave;
+- ``max|diff|``: max |ours - Captum| / max |Captum| (same seed; the gradient methods whose
+  draws depend on the chunking, and the rule-based ones, which Captum on the unprepared model
+  computes as plain gradients, differ by design).
 
 The process re-executes itself with ``workers.allocator.ALLOCATOR_ENV`` (glibc reads the
 malloc settings only at start) unless ``--default-allocator``.
 
     python benchmarks/attributions.py [--quick] [--model efficientnet-lite0] [--methods ig ...]
+                                      [--images N] [--intra-op 1] [--batch-sizes measured-cpu]
                                       [--models-dir var/models] [--device cpu] [--json out.json]
 """
 
@@ -57,8 +68,8 @@ QUICK_PER_METHOD = {
 
 def best_throughput(
     run: Any, shape: tuple[int, ...], sizes: list[int], min_time: float, rounds: int = 2
-) -> tuple[float, int, float]:
-    """(best images/s, its batch size, least CPU seconds per image at any size): the fastest
+) -> tuple[float, int, float, int]:
+    """(best images/s, its batch size, least CPU seconds per image, its batch size): the fastest
     of several passes per size after a warm-up, in ``rounds`` rounds over the sizes (so that a
     burst of load from other processes hits every size alike)."""
     import torch
@@ -79,7 +90,24 @@ def best_throughput(
                 cpu[bs] = min(cpu[bs], time.process_time() - c0)
                 n += 1
     ips, bs = max((b / wall[b], b) for b in sizes)
-    return ips, bs, min(cpu[b] / b for b in sizes)
+    least_cpu, _ = min((cpu[b] / b, b) for b in sizes)
+    return ips, bs, least_cpu, min(sizes, key=lambda b: cpu[b] / b)
+
+
+def raw_costs(forward: Any, grad: Any, xf: Any, xg: Any, kinds: tuple[bool, bool], cap_s: float) -> list[float]:
+    """[wall, CPU s per forward image, wall, CPU s per forward+backward image] of the model
+    evaluations alone, at this moment, in batches of ``len(xf)`` / ``len(xg)`` (about
+    ``cap_s`` seconds of passes for each kind ``kinds`` asks for; 0 for the other)."""
+    out = []
+    for run, x, wanted in ((forward, xf, kinds[0]), (grad, xg, kinds[1])):
+        done, w, c = 0, 0.0, 0.0
+        while wanted and (w < cap_s or done < 2 * len(x)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            run(x)
+            w, c = w + time.perf_counter() - t0, c + time.process_time() - c0
+            done += len(x)
+        out += [w / done, c / done] if wanted else [0.0, 0.0]
+    return out
 
 
 def gradient_passes(p: Any, n: int) -> tuple[int, int]:
@@ -156,7 +184,8 @@ def captum_default(model: Any, module: Any, x: Any, t: Any, p: Any) -> Any:
     if m == "deconvolution":
         return ca.Deconvolution(module).attribute(xs, target=t)
     if m == "gradcam":
-        return ca.LayerGradCam(module, module.get_submodule(layer)).attribute(xs, target=t, relu_attributions=True)
+        cam = ca.LayerGradCam(module, module.get_submodule(layer)).attribute(xs, target=t, relu_attributions=True)
+        return ca.LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode=p.interpolate_mode)
     if m == "guided_gradcam":
         return ca.GuidedGradCam(module, module.get_submodule(layer)).attribute(xs, target=t)
     if m == "lrp":
@@ -236,11 +265,15 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds per throughput measurement and size")
     ap.add_argument(
         "--batch-sizes",
-        choices=["engine", "measured"],
+        choices=["engine", "measured", "measured-cpu"],
         default="engine",
-        help="chunk sizes: the engine's (as a worker runs) or the best measured in this run",
+        help="chunk sizes: the engine's (as a worker runs), or the best measured in this run (images/s, or "
+        "least CPU time per image: the dependable figure on a shared machine with one thread)",
     )
     ap.add_argument("--repeat", type=int, default=1, help="runs per method and side; the fastest counts")
+    ap.add_argument(
+        "--paired-cap", type=float, default=4.0, help="seconds of raw passes per kind in each paired measurement"
+    )
     ap.add_argument("--json", type=Path, help="write the table here too")
     ap.add_argument("--default-allocator", action="store_true", help="do not re-exec with ALLOCATOR_ENV")
     args = ap.parse_args()
@@ -275,18 +308,27 @@ def main() -> None:
     shape = tuple(x.shape[1:])
     dev = model.device
     sizes = [1, 4, 8, 16, 32]
-    fwd_ips, fwd_bs, fwd_cpu = best_throughput(lambda b: model.forward(b.to(dev)), shape, sizes, args.min_time)
+    fwd_ips, fwd_bs, fwd_cpu, fwd_cpu_bs = best_throughput(
+        lambda b: model.forward(b.to(dev)), shape, sizes, args.min_time
+    )
     grad = eager_grad_pass(model.module)
-    grad_ips, grad_bs, grad_cpu = best_throughput(lambda b: grad(b.to(dev)), shape, sizes[:4], args.min_time)
+    grad_ips, grad_bs, grad_cpu, grad_cpu_bs = best_throughput(
+        lambda b: grad(b.to(dev)), shape, sizes[:4], args.min_time
+    )
+    engine_sizes = (model.batch_size, model.grad_batch_size)
     if args.batch_sizes == "measured":
         model = dataclasses.replace(model, batch_size=fwd_bs, grad_batch_size=grad_bs)
+    elif args.batch_sizes == "measured-cpu":
+        model = dataclasses.replace(model, batch_size=fwd_cpu_bs, grad_batch_size=grad_cpu_bs)
     print(f"# {args.model} {shape} x {len(x)} on {dev} (torch threads {torch.get_num_threads()}), engine "
-          f"{model.engine_name} (batch {model.batch_size}, grad batch {model.grad_batch_size}), "
+          f"{model.engine_name} (batch {model.batch_size}, grad batch {model.grad_batch_size}; the engine's "
+          f"measurement at start: {engine_sizes[0]}, {engine_sizes[1]}), "
           f"loaded in {load_s:.1f} s; "
           f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")  # fmt: skip
     print(
-        f"# best forward {fwd_ips:.1f} img/s (batch {fwd_bs}), {1000 * fwd_cpu:.1f} ms CPU/img; "
-        f"best forward+backward {grad_ips:.1f} img/s (batch {grad_bs}), {1000 * grad_cpu:.1f} ms CPU/img"
+        f"# best forward {fwd_ips:.1f} img/s (batch {fwd_bs}), {1000 * fwd_cpu:.1f} ms CPU/img (batch {fwd_cpu_bs}); "
+        f"best forward+backward {grad_ips:.1f} img/s (batch {grad_bs}), {1000 * grad_cpu:.1f} ms CPU/img "
+        f"(batch {grad_cpu_bs})"
     )
     print(f"# allocator env: {'set' if all(k in os.environ for k in ALLOCATOR_ENV) else 'glibc default'}; "
           f"{'quick' if args.quick else 'default'} params")  # fmt: skip
@@ -306,12 +348,21 @@ def main() -> None:
     import skimage.segmentation  # noqa: F401
     import sklearn.linear_model  # noqa: F401
 
+    ref_fwd_bs, ref_grad_bs = (fwd_cpu_bs, grad_cpu_bs) if args.batch_sizes == "measured-cpu" else (fwd_bs, grad_bs)
+    gen = torch.Generator().manual_seed(1)
+    xf = torch.randn((ref_fwd_bs, *shape), generator=gen).to(dev)
+    xg = torch.randn((ref_grad_bs, *shape), generator=gen).to(dev)
+
+    def paired(kinds: tuple[bool, bool]) -> list[float]:
+        return raw_costs(model.forward, grad, xf, xg, kinds, args.paired_cap / 2)
+
     for _ in range(2):  # warm-up: first backward passes allocate
         attribute(model, x, t, AttributionParams.model_validate({"method": "saliency"}))
     rows: list[dict[str, Any]] = []
     header = (
         f"{'method':24s} {'batch':>5s} {'evals f/fb':>11s} {'limit s':>8s} {'ours s':>8s} {'captum s':>9s} "
-        f"{'ours/captum':>11s} {'ours/limit':>10s} {'cpu/limit':>9s} {'max|diff|':>9s}"
+        f"{'ours/captum':>11s} {'ours/limit':>10s} {'cpu/limit':>9s} {'ours/paired':>11s} {'cpu/paired':>10s} "
+        f"{'max|diff|':>9s}"
     )
     print(header)
     for name in args.methods or [*METHODS, "occlusion_map"]:
@@ -341,6 +392,9 @@ def main() -> None:
 
         row: dict[str, Any] = {"method": name, "batch": batch_desc(name, p, model, len(x))}
         ours_out = captum_out = None
+        n_fwd, n_grad = gradient_passes(p, len(x)) if name != "occlusion_map" else (0, 0)
+        kinds = (n_fwd > 0 or name in FORWARD or name == "occlusion_map", n_grad > 0)
+        raws = []
         try:
             best = (float("inf"), float("inf"))
             for _ in range(args.repeat):
@@ -348,11 +402,11 @@ def main() -> None:
                 t0, c0 = time.perf_counter(), time.process_time()
                 ours_out = ours_run()
                 best = min(best[0], time.perf_counter() - t0), min(best[1], time.process_time() - c0)
+                raws.append(paired(kinds))
             row["ours_s"], row["ours_cpu_s"] = best
             row["ours_forward_evals"] = counted[0]
         except Exception as e:  # noqa: BLE001 - the table reports it
             row["error"] = f"{type(e).__name__}: {e}"[:90]
-        n_fwd, n_grad = gradient_passes(p, len(x)) if name != "occlusion_map" else (0, 0)
         if not args.no_captum and "error" not in row:
             module = copy.deepcopy(model.module)
             calls = [0]
@@ -378,8 +432,12 @@ def main() -> None:
             n_fwd = row.get("captum_forward_evals", counted[0])
         row.update(forward_evals=n_fwd, grad_evals=n_grad, limit_s=n_fwd / fwd_ips + n_grad / grad_ips)
         row["limit_cpu_s"] = n_fwd * fwd_cpu + n_grad * grad_cpu
+        if raws and "error" not in row:
+            raws.append(paired(kinds))  # after Captum's run too: the fastest moment counts
+            wf, cf, wg, cg = (min(r[i] for r in raws) for i in range(4))
+            row["paired_s"], row["paired_cpu_s"] = n_fwd * wf + n_grad * wg, n_fwd * cf + n_grad * cg
         if ours_out is not None and captum_out is not None and name != "occlusion_map":
-            ref = captum_out.detach().float().reshape(ours_out.shape)
+            ref = captum_out.detach().float().expand_as(ours_out)
             row["max_rel_diff"] = float((ours_out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         rows.append(row)
         if "error" in row:
@@ -391,7 +449,8 @@ def main() -> None:
         diff = f"{row['max_rel_diff']:9.1e}" if "max_rel_diff" in row else "        -"
         print(
             f"{name:24s} {row['batch']:>5s} {n_fwd:>5d}/{n_grad:<5d} {lim:8.2f} {ours:8.2f} {cap_s} {ratio} "
-            f"{ours / lim:10.2f} {row['ours_cpu_s'] / row['limit_cpu_s']:9.2f} {diff}",
+            f"{ours / lim:10.2f} {row['ours_cpu_s'] / row['limit_cpu_s']:9.2f} {ours / row['paired_s']:11.2f} "
+            f"{row['ours_cpu_s'] / row['paired_cpu_s']:10.2f} {diff}",
             flush=True,
         )
     print(f"# load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
