@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models-dir", type=Path, default=ROOT / "var" / "test-models")
-    ap.add_argument("--solvers", default="exact,cg,lissa,arnoldi")
+    ap.add_argument("--solvers", default="exact,cg,lissa,arnoldi",
+                    help="also 'lissa_last': LiSSA's last iterate (lissa_tail=0), as Koh and Liang")
     ap.add_argument("--layer-sets", default="fc,all")
     ap.add_argument("--skip-captum", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
@@ -91,7 +92,10 @@ def main() -> None:
         layers = LAYER_SETS[set_name]
         exact_warm: np.ndarray | None = None
         for solver in args.solvers.split(","):
-            params = InfluenceParams(layers=layers, solver=solver, exact_max_params=5000)
+            # 'lissa_last': Koh and Liang's last iterate (no averaging of the recursion's tail)
+            extra = {"lissa_tail": 0.0} if solver == "lissa_last" else {}
+            params = InfluenceParams(layers=layers, solver=solver.removesuffix("_last"), exact_max_params=5000,
+                                     **extra)
             disk = cache_root / f"{set_name}-{solver}"
             inf._factors.clear()
             store = inf.GradientStore(disk)
