@@ -12,9 +12,9 @@ shape. What this module adds is how the work is cut:
   GradientSHAP (whose Captum class has no batching of its own);
 - forward-only methods (occlusion, feature ablation, Shapley value sampling, KernelSHAP,
   LIME) evaluate through ``model.forward`` (the fast engine) with ``perturbations_per_eval``
-  set to ``model.batch_size``; occlusion and Shapley value sampling are Captum's algorithms
-  (same windows, draws and sums, the same maps) written here without Captum's
-  per-perturbation full-image work and per-permutation Python loop over the mask's pixels;
+  set to ``model.batch_size``; occlusion, feature ablation and Shapley value sampling are
+  Captum's algorithms (same windows, draws and sums, the same maps) written here without
+  Captum's per-perturbation full-image work and per-permutation loop over the mask's pixels;
 - rule-based methods (DeepLift, DeepLiftShap, guided backprop, deconvolution, guided
   Grad-CAM, LRP) run on the copy prepared by :mod:`workers.explain.rules`, so their rules
   apply to every nonlinearity, and never leave hooks on the cached model;
@@ -463,16 +463,37 @@ def _shapley_value_sampling(r: _Run, x: torch.Tensor, t: torch.Tensor, p: Shaple
     return torch.cat(out)
 
 
+def _feature_ablation(r: _Run, x: torch.Tensor, t: torch.Tensor, p: FeatureAblationMethod) -> torch.Tensor:
+    """Captum's FeatureAblation on superpixels, without its per-perturbation full-image work:
+    the input is evaluated once, then each superpixel (ids 0..F-1 in order, chunks of
+    ``fwd_bs``) replaced by the baseline, ``where(mask == f, baseline, x)`` (bit for bit
+    Captum's ``x * (1 - m) + baseline * m``); the attribution of every pixel of superpixel f
+    is the output drop ``f(x) - f(x without f)``, Captum's value exactly."""
+    masks = [superpixel_mask(x[i : i + 1], p) for i in range(len(x))]
+    fwd = r.fwd_forward(sum(int(m.max()) + 2 for m in masks))
+    out = []
+    for i, mask in enumerate(masks):
+        xi, ti = x[i : i + 1], int(t[i])
+        base = r.baseline(p.baseline, xi, p.blur_sigma)
+        n_features = int(mask.max()) + 1
+        initial = fwd(xi)[:, ti]
+        features = torch.arange(n_features, device=x.device)
+        drops = []
+        for s in _chunks(n_features, r.fwd_bs):
+            batch = torch.where(mask == features[s].view(-1, 1, 1, 1), base, xi)
+            drops.append((initial - fwd(batch)[:, ti]).float())
+        out.append(torch.cat(drops)[mask].expand_as(xi))
+    return torch.cat(out)
+
+
 def _superpixel_method(r: _Run, x: torch.Tensor, t: torch.Tensor, p: Any) -> torch.Tensor:
-    """Feature ablation, KernelSHAP and LIME on superpixels with Captum's classes, one image
-    per call (each image has its own segmentation)."""
-    per_image = p.n_segments + 1 if p.method == "feature_ablation" else getattr(p, "n_samples", 1)
+    """KernelSHAP and LIME on superpixels with Captum's classes, one image per call (each image
+    has its own segmentation)."""
+    per_image = p.n_samples
     fwd = r.fwd_forward(len(x) * per_image)
     kwargs: dict[str, Any] = {"perturbations_per_eval": r.fwd_bs}
     method: Any
-    if isinstance(p, FeatureAblationMethod):
-        method = ca.FeatureAblation(fwd)
-    elif isinstance(p, KernelShapMethod):
+    if isinstance(p, KernelShapMethod):
         method, kwargs["n_samples"] = ca.KernelShap(fwd), p.n_samples
     else:
         from captum._utils.models.linear_model import SkLearnLasso
@@ -507,7 +528,7 @@ _METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "guided_gradcam": _guided_gradcam,
     "lrp": _lrp,
     "occlusion": _occlusion,
-    "feature_ablation": _superpixel_method,
+    "feature_ablation": _feature_ablation,
     "shapley_value_sampling": _shapley_value_sampling,
     "kernel_shap": _superpixel_method,
     "lime": _superpixel_method,
