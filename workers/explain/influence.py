@@ -361,7 +361,15 @@ class LayerCurvature:
 
 @dataclass
 class SolveReport:
-    """How one layer's systems were solved (lists: one entry per test image)."""
+    """How one layer's systems were solved (lists: one entry per test image).
+
+    ``residual`` is ``|(C + d I) x - g| / |g|``; ``converged`` = residual <= the job's
+    ``tolerance`` (and, for CG, no negative curvature met). ``min_eigenvalue`` /
+    ``max_eigenvalue`` are of the undamped curvature: exact for ``eigvalsh``, extreme Ritz
+    values for ``lanczos`` and ``ritz (arnoldi)`` (an upper bound on the smallest, a lower
+    bound on the largest eigenvalue). ``indefinite``: the damped curvature was shown not to be
+    positive definite (Cholesky failed, CG met ``p^T A p <= 0``, or the smallest eigenvalue
+    estimate plus the damping is not positive)."""
 
     solver: str
     iterations: list[int]
