@@ -486,6 +486,14 @@ def _feature_ablation(r: _Run, x: torch.Tensor, t: torch.Tensor, p: FeatureAblat
     return torch.cat(out)
 
 
+def _select_features(curr_sample: torch.Tensor, original_inputs: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Captum's ``default_from_interp_rep_transform`` for one input tensor as one ``where``:
+    ``m * x + (1 - m) * baseline`` takes four passes over the image per sample, this one (the
+    same values)."""
+    keep = curr_sample[0][kwargs["feature_mask"]].bool()
+    return torch.where(keep, original_inputs, kwargs["baselines"])
+
+
 def _superpixel_method(r: _Run, x: torch.Tensor, t: torch.Tensor, p: Any) -> torch.Tensor:
     """KernelSHAP and LIME on superpixels with Captum's classes, one image per call (each image
     has its own segmentation)."""
@@ -505,6 +513,7 @@ def _superpixel_method(r: _Run, x: torch.Tensor, t: torch.Tensor, p: Any) -> tor
             similarity_func=get_exp_kernel_similarity_function("cosine", p.kernel_width),
         )
         kwargs["n_samples"] = p.n_samples
+    method.from_interp_rep_transform = _select_features
 
     def one(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
         mask = superpixel_mask(xc, p)
