@@ -9,23 +9,20 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import RedisServer, _spawn_redis, free_port, start_worker
+from tests.conftest import start_worker
 from tests.helpers import digit_png, png, submit, wait_for
 
 
 @pytest.fixture
-def own_redis(settings):
-    port = free_port()
-    server = RedisServer(port, _spawn_redis(port))
-    yield server, settings.model_copy(update={"redis_url": server.url, "predict_timeout_s": 1.0})
-    server.process.kill()
-    server.process.wait(10)
+def own_env(own_redis, settings):
+    """A Redis of the test's own, and settings that point at it."""
+    return own_redis, settings.model_copy(update={"redis_url": own_redis.url, "predict_timeout_s": 1.0})
 
 
-def test_predict_without_worker_is_503_no_worker(own_redis):
+def test_predict_without_worker_is_503_no_worker(own_env):
     from service.main import create_app
 
-    _, s = own_redis
+    _, s = own_env
     image, _ = digit_png(0)
     with TestClient(create_app(s)) as api:
         assert api.get("/readyz").status_code == 503
@@ -35,10 +32,10 @@ def test_predict_without_worker_is_503_no_worker(own_redis):
         assert "retry-after" in r.headers and time.perf_counter() - t0 < 3
 
 
-def test_killed_worker_job_becomes_failed_worker_lost(own_redis, chelsea):
+def test_killed_worker_job_becomes_failed_worker_lost(own_env, chelsea):
     from service.main import create_app
 
-    _, s = own_redis
+    _, s = own_env
     proc = start_worker(s)
     with TestClient(create_app(s)) as api:
         assert api.get("/readyz").status_code == 200
@@ -55,11 +52,11 @@ def test_killed_worker_job_becomes_failed_worker_lost(own_redis, chelsea):
         print(f"worker_lost reported {took:.1f} s after SIGKILL")
 
 
-def test_redis_stopped_then_restarted(own_redis):
+def test_redis_stopped_then_restarted(own_env):
     """Redis down -> 503 with Retry-After within 2 s; back up -> the API answers again."""
     from service.main import create_app
 
-    server, s = own_redis
+    server, s = own_env
     with TestClient(create_app(s)) as api:
         assert api.get("/v1/jobs/0123456789abcdef").status_code == 404
         server.stop()

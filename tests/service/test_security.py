@@ -9,7 +9,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import ROOT, RedisServer, _spawn_redis, free_port
+from tests.conftest import ROOT, _redis_on_free_port
 from tests.helpers import digit_png, submit
 
 KEYS = {"acme": "acme-key-0123456789", "globex": "globex-key-9876543210"}
@@ -23,11 +23,8 @@ def sha(key: str) -> str:
 
 @pytest.fixture(scope="module")
 def own_redis():
-    port = free_port()
-    server = RedisServer(port, _spawn_redis(port))
-    yield server
-    server.process.kill()
-    server.process.wait(10)
+    """One redis-server for this module's tests (each flushes it)."""
+    yield from _redis_on_free_port()
 
 
 @pytest.fixture
