@@ -1,4 +1,5 @@
-"""A lean HTTP/1.1 client for the benchmarks: keep-alive connections that post prepared bytes.
+"""What the service benchmarks share: free ports, waiting for readiness, and a lean HTTP/1.1
+client (keep-alive connections that post prepared bytes).
 
 A load generator must cost little next to what it measures: on the same two cores,
 httpx's client took about as much CPU per request as the API itself (5-7 ms), and its
@@ -8,6 +9,30 @@ latency counted as the service's.
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
+from collections.abc import Callable
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``check`` (connection errors count as not yet) until true, or exit."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{what} not ready after {timeout:.0f} s")
 
 
 class Connection:

@@ -33,7 +33,6 @@ import asyncio
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,28 +42,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-from lean_http import Connection, multipart_request
+from harness import Connection, free_port, multipart_request, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{what} not ready after {timeout:.0f} s")
 
 
 def cpu_s(pid: int) -> float:

@@ -5,7 +5,7 @@ N sequential predicts of one digits-cnn image (a) through HTTP and (b) by callin
 worker's predict function directly in this process on the stored image (same decode,
 preprocess, forward; the API's upload check and decode count as overhead).
 Prints p50/p95 of both and of the difference (the service's overhead). The client is the
-lean one of ``lean_http`` (one keep-alive connection), so its own cost is not counted.
+lean one of ``harness`` (one keep-alive connection), so its own cost is not counted.
 
     python benchmarks/overhead.py [-n 200] [--model digits-cnn]
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,28 +23,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from lean_http import Connection, multipart_request
+from harness import Connection, free_port, multipart_request, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} not ready")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -73,7 +54,7 @@ def main() -> None:
     ]  # fmt: skip
     try:
         base = f"http://127.0.0.1:{api_port}"
-        wait_http(f"{base}/readyz")
+        wait_until(lambda: httpx.get(f"{base}/readyz", timeout=1).status_code == 200, 60, "API + worker")
         from service.images import decode_image
         from workers.tasks import predict_images
 
