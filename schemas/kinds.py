@@ -42,6 +42,15 @@ def budgets(spec: KindSpec, settings: Settings) -> tuple[int, int]:
     return seconds, settings.job_memory_mb if memory is None else memory
 
 
+UPLOADS: dict[str, str] = {
+    "attribution": "an attribution map as .npy at the model's input size: (N, C', H, W), (N, H, W), or for one image "
+    "(C', H, W) or (H, W), C' 1 or the model's channels; used instead of computing one",
+    "training_set": "a zip of training images in ImageFolder layout, <class>/<image> (class folders named like "
+    "the model's labels, or as many folders as labels in sorted order), used instead of the model's "
+    "registered training set",
+}
+"""What each extra upload (``KindSpec.files``) is, as ``GET /v1/methods`` describes it."""
+
 KINDS: dict[str, KindSpec] = {
     spec.name: spec
     for spec in [
@@ -56,7 +65,7 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("compare", CompareParams, "default", "Several attribution methods: table and grid."),
         KindSpec("u_analysis", UAnalysisParams, "default", "U Analysis: regions replaced in order, U-triples.", files=("attribution",)),  # noqa: E501
         KindSpec("u_sweep", USweepParams, "low", "U Analysis over a data set x a grid: U occurrence.", min_images=0),
-        KindSpec("influence", InfluenceParams, "low", "Layer-wise influence of training images (Koh & Liang 2017).", max_images=32),  # noqa: E501
-        KindSpec("influence_groups", InfluenceGroupsParams, "low", "Influence of disturbed image groups per layer (Aamir et al. 2023).", max_images=16),  # noqa: E501
+        KindSpec("influence", InfluenceParams, "low", "Layer-wise influence of training images (Koh & Liang 2017).", max_images=32, files=("training_set",)),  # noqa: E501
+        KindSpec("influence_groups", InfluenceGroupsParams, "low", "Influence of disturbed image groups per layer (Aamir et al. 2023).", max_images=16, files=("training_set",)),  # noqa: E501
     ]
 }

@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(16 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0, description="width*height above this is a 413")
     max_images_per_request: int = Field(16, gt=0)
+    max_training_set_images: int = Field(
+        10_000, gt=0, description="images an uploaded training set zip (influence) may hold"
+    )
+    max_training_set_uncompressed_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="declared uncompressed size of an uploaded training set zip"
+    )
 
     job_timeout_s: int = Field(3600, gt=0, description="a job running longer is stopped and failed")
     job_memory_mb: int = Field(

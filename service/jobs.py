@@ -37,6 +37,7 @@ from schemas.jobs import ArtifactLink, JobPayload, JobStatus, JobView, PredictRe
 from schemas.kinds import KINDS, KindSpec, budgets
 from schemas.manifests import ModelEntry
 from schemas.settings import Settings
+from schemas.training_zip import UPLOAD_NAME, check_training_zip
 from service.auth import ANONYMOUS
 from service.deps import queue
 from service.images import DecodedImage
@@ -77,6 +78,16 @@ def check_request(spec: KindSpec, entry: ModelEntry, params: BaseModel, n_images
     check = getattr(spec.params, "check_model", None)
     if check is not None:
         check(params, entry.manifest)
+
+
+def check_uploads(spec: KindSpec, entry: ModelEntry, files: dict[str, bytes], settings: Settings) -> None:
+    """Extra uploads whose structure can be checked without torch: a ``training_set`` zip
+    (``schemas.training_zip``: the worker runs the same check again)."""
+    data = files.get(UPLOAD_NAME) if UPLOAD_NAME in spec.files else None
+    if data is not None:
+        check_training_zip(
+            data, entry.manifest.labels, settings.max_training_set_images, settings.max_training_set_uncompressed_bytes
+        )
 
 
 def _sha(data: bytes) -> str:

@@ -34,6 +34,8 @@ SUBMISSION_BODY: dict[str, Any] = {
                         "top_k": {"type": "integer"},
                         "callback_url": {"type": "string", "description": "jobs: notified when the job ends"},
                     },
+                    "description": "plus the kind's extra uploads as files by name (GET /v1/methods: files), "
+                    "e.g. attribution (.npy), training_set (.zip)",
                     "required": ["image"],
                 }
             },
@@ -46,7 +48,11 @@ SUBMISSION_BODY: dict[str, Any] = {
                         "images_base64": {"type": "array", "items": {"type": "string"}},
                         "params": {"type": "object"},
                         "top_k": {"type": "integer"},
-                        "files_base64": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "files_base64": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                            "description": "extra uploads by name, base64 (GET /v1/methods: files)",
+                        },
                         "callback_url": {"type": "string", "description": "jobs: notified when the job ends"},
                     },
                     "additionalProperties": False,

@@ -9,7 +9,14 @@ A model's manifest names its training set (``ModelManifest.training_set``):
   (``<path>/<class>/<image>``) relative to the model directory, preprocessed exactly like
   the model's inputs (``workers.registry.preprocess``). A folder named like one of the
   manifest's labels gets that label's index; otherwise, when there are as many folders as
-  labels, folders map to labels in sorted order (torchvision's convention).
+  labels, folders map to labels in sorted order (torchvision's convention; the mapping is
+  ``schemas.training_zip.class_to_index``).
+- Uploaded with the job: the ``training_set`` file of ``influence`` and ``influence_groups``,
+  a zip in the same ImageFolder layout (``<class>/<image>``, optionally inside one top-level
+  folder) with the same folder -> label mapping, checked by the API and again here with the
+  same code and limits (``schemas.training_zip.check_training_zip``), read in memory (never
+  extracted) and preprocessed like the model's inputs (:func:`uploaded_training_set`). It
+  wins over the registered set; its fingerprint hashes the zip's bytes.
 
 Each set has a ``fingerprint`` (sha256 of its contents, or of file names, sizes and
 modification times for folders) so caches keyed on it are invalidated when the data change.
@@ -18,8 +25,11 @@ modification times for folders) so caches keyed on it are invalidated when the d
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import threading
+import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from schemas.errors import BadParams, JobFailure
+from schemas.errors import BadParams, JobFailure, PayloadTooLarge
 from schemas.models import ModelManifest, Preprocessing
+from schemas.training_zip import IMAGE_FORMATS, check_training_zip, class_to_index, mapping_error
 
 MAX_IN_MEMORY_BYTES = 1 << 30
 """Folders whose preprocessed tensors exceed this are read from disk batch by batch."""
@@ -43,6 +54,8 @@ class TrainingSetData:
     source:      human-readable origin (``builtin:sklearn-digits``, ``imagefolder:/path``).
     tensor:      ``(n, C, H, W)`` float32 normalised images when held in memory, else None.
     paths:       image files (ImageFolder sets read lazily), else None.
+    archive:     the zip of an uploaded set, with its image ``members`` (read lazily when
+                 ``tensor`` is None), else None.
     """
 
     labels: np.ndarray
@@ -50,6 +63,8 @@ class TrainingSetData:
     source: str
     tensor: torch.Tensor | None = None
     paths: list[Path] | None = None
+    archive: bytes | None = field(default=None, repr=False)
+    members: list[str] | None = None
     preprocessing: Preprocessing | None = None
     _display: np.ndarray | None = field(default=None, repr=False)  # (n, H, W, 3) uint8
 
@@ -81,8 +96,12 @@ class TrainingSetData:
             if isinstance(index, slice):
                 return self.tensor[index]
             return self.tensor[torch.as_tensor(np.asarray(index), dtype=torch.long)]
-        assert self.paths is not None and self.preprocessing is not None
+        assert self.preprocessing is not None
         idx = np.arange(len(self))[index]
+        if self.archive is not None and self.members is not None:
+            x, _ = _read_zip_images(self.archive, [self.members[i] for i in idx], self.preprocessing)
+            return x
+        assert self.paths is not None
         x, _ = _read_images([self.paths[i] for i in idx], self.preprocessing)
         return x
 
@@ -102,6 +121,8 @@ class TrainingSetData:
         """Training image ``i`` as shown to a person: ``(H, W, 3)`` uint8."""
         if self._display is not None:
             return self._display[i]
+        if self.archive is not None and self.members is not None and self.preprocessing is not None:
+            return _read_zip_images(self.archive, [self.members[i]], self.preprocessing)[1][0]
         if self.paths is None or self.preprocessing is None:  # not an image set: a grey tile
             return np.full((8, 8, 3), 128, dtype=np.uint8)
         _, disp = _read_images([self.paths[i]], self.preprocessing)
@@ -154,15 +175,10 @@ def _list_folder(root: Path, manifest: ModelManifest) -> tuple[list[Path], np.nd
         classes, _ = find_classes(str(root))
     except FileNotFoundError as e:
         raise JobFailure(f"training set folder {root} has no class folders", type="bad_training_set") from e
-    if all(c in manifest.labels for c in classes):
-        class_to_idx = {c: manifest.labels.index(c) for c in classes}
-    elif len(classes) == len(manifest.labels):
-        class_to_idx = {c: i for i, c in enumerate(classes)}
-    else:
+    class_to_idx = class_to_index(classes, manifest.labels)
+    if class_to_idx is None:
         raise JobFailure(
-            f"training set folder {root} has {len(classes)} class folders, which match the model's "
-            f"labels neither by name nor by count ({len(manifest.labels)})",
-            type="bad_training_set",
+            f"training set folder {root} has {mapping_error(classes, manifest.labels)}", type="bad_training_set"
         )
     samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
     if not samples:
@@ -193,7 +209,91 @@ def _image_folder(root: Path, manifest: ModelManifest) -> TrainingSetData:
     return data
 
 
+def _read_zip_images(
+    archive: bytes, members: list[str], pre: Preprocessing, max_pixels: int | None = None
+) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """Decode zip ``members`` in memory (nothing is extracted to disk) with the formats the API
+    decodes, each checked against ``max_pixels`` (default: the settings') before decoding."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    from workers.registry import preprocess
+
+    if max_pixels is None:
+        from schemas.settings import get_settings
+
+        max_pixels = get_settings().max_image_pixels
+    images = []
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        for name in members:
+            try:
+                with Image.open(io.BytesIO(zf.read(name)), formats=IMAGE_FORMATS) as img:
+                    if img.width * img.height > max_pixels:
+                        raise PayloadTooLarge(
+                            f"training_set image {name!r} has {img.width * img.height} pixels; "
+                            f"the limit is {max_pixels}",
+                            details={"member": name, "limit": max_pixels},
+                        )
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("error", Image.DecompressionBombWarning)
+                        img.load()
+                    images.append(img.copy())
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, NotImplementedError,
+                    zipfile.BadZipFile, Image.DecompressionBombWarning) as e:
+                raise BadParams(
+                    f"training_set image {name!r} cannot be read: {e}", details={"member": name}
+                ) from None
+    return preprocess(images, pre)
+
+
+def uploaded_training_set(archive: bytes, manifest: ModelManifest) -> TrainingSetData:
+    """A training set uploaded as a zip (``schemas.training_zip``), checked again with the
+    API's code and limits, decoded in memory and preprocessed like the model's inputs.
+    Fingerprint: sha256 of the zip bytes with the preprocessing and labels (which decide the
+    tensors and the label mapping), so gradient caches are reused for the same upload."""
+    from schemas.settings import get_settings
+
+    settings = get_settings()
+    checked = check_training_zip(
+        archive, manifest.labels, settings.max_training_set_images, settings.max_training_set_uncompressed_bytes
+    )
+    h = hashlib.sha256(b"zip\0")
+    h.update(manifest.preprocessing.model_dump_json().encode())
+    h.update(json.dumps(checked.classes, sort_keys=True).encode())
+    h.update(hashlib.sha256(archive).digest())
+    key = h.hexdigest()
+    with _lock:
+        cached = _uploads.get(key)
+        if cached is not None:
+            _uploads.move_to_end(key)
+            return cached
+    data = TrainingSetData(
+        labels=np.asarray(checked.labels, dtype=np.int64),
+        fingerprint=key,
+        source=f"upload:training_set.zip (sha256 {hashlib.sha256(archive).hexdigest()[:16]})",
+        archive=archive,
+        members=checked.members,
+        preprocessing=manifest.preprocessing,
+    )
+    c = 1 if manifest.preprocessing.mode == "L" else 3
+    hh, ww = manifest.preprocessing.size
+    if len(checked.members) * c * hh * ww * 4 <= MAX_IN_MEMORY_BYTES:
+        x, disp = _read_zip_images(archive, checked.members, manifest.preprocessing, settings.max_image_pixels)
+        data.tensor, data._display = x, np.stack(disp)
+    else:  # read batch by batch; still decode every image once now, to fail early
+        for start in range(0, len(checked.members), 256):
+            _read_zip_images(archive, checked.members[start : start + 256], manifest.preprocessing)
+    with _lock:
+        _uploads[key] = data
+        while len(_uploads) > MAX_CACHED_UPLOADS:
+            _uploads.popitem(last=False)
+    return data
+
+
 _cache: dict[str, TrainingSetData] = {}
+_uploads: OrderedDict[str, TrainingSetData] = OrderedDict()
+MAX_CACHED_UPLOADS = 2
 _lock = threading.Lock()
 
 

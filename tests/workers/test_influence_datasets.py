@@ -137,3 +137,110 @@ def test_influence_on_a_user_model_with_an_image_folder(tmp_path):
     dup = [i for i in range(8) if np.array_equal(data.display(i), pictures[3])]
     assert s["images"][0]["top_helpful"]["total"][0]["index"] == dup[0]
     assert json.dumps(s)  # the summary is JSON
+
+
+# ------------------------------------------------------------------ uploaded training set zips
+
+
+def _zip_of(root: Path, prefix: str = "", extra: dict[str, bytes] | None = None) -> bytes:
+    """The files under ``root`` as a zip (names relative to it, under ``prefix``), written in
+    reverse order: the loader's order must not depend on the zip's."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(root.rglob("*"), reverse=True):
+            if path.is_file():
+                zf.write(path, prefix + path.relative_to(root).as_posix())
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("labels", [["dog", "cat", "bird"], ["x", "y", "z"]])  # by name, by count
+@pytest.mark.parametrize("prefix", ["", "train/"])
+def test_zip_gives_the_image_folders_tensors_and_labels(tmp_path, labels, prefix):
+    from workers.datasets import uploaded_training_set
+
+    rng = np.random.default_rng(1)
+    for name in ["cat/b.png", "cat/a.png", "cat/sub/c.png", "dog/z.png", "dog/Y.jpg", "bird/q.bmp", "bird/p.png"]:
+        path = tmp_path / "train" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = (5, 7) if name.endswith("z.png") else (6, 6)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
+    manifest = _folder_manifest(labels)
+    folder = load_training_set(manifest, tmp_path)
+    archive = _zip_of(tmp_path / "train", prefix, extra={"__MACOSX/cat/._a.png": b"junk", ".DS_Store": b"junk"})
+    uploaded = uploaded_training_set(archive, manifest)
+    assert len(uploaded) == len(folder) == 7
+    assert uploaded.labels.tolist() == folder.labels.tolist()
+    assert uploaded.tensor is not None and folder.tensor is not None
+    assert torch.equal(uploaded.tensor, folder.tensor)
+    assert torch.equal(uploaded.images(np.array([5, 1])), folder.images(np.array([5, 1])))
+    assert all(np.array_equal(uploaded.display(i), folder.display(i)) for i in range(7))
+    assert uploaded.source.startswith("upload:training_set.zip")
+    # the fingerprint follows the zip's bytes (and the preprocessing), so gradient caches are reused
+    assert uploaded_training_set(archive, manifest).fingerprint == uploaded.fingerprint
+    other = _zip_of(tmp_path / "train", prefix, extra={prefix + "README.txt": b"same images, other bytes"})
+    assert uploaded_training_set(other, manifest).fingerprint != uploaded.fingerprint
+    resized = manifest.model_copy(update={"preprocessing": Preprocessing(size=(3, 3))})
+    assert uploaded_training_set(archive, resized).fingerprint != uploaded.fingerprint
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name), data)
+    return buf.getvalue()
+
+
+def test_training_zip_checks():
+    """``schemas.training_zip.check_training_zip``: the API's check, run again by the worker."""
+    import io
+    import zipfile
+
+    from schemas.errors import PayloadTooLarge
+    from schemas.training_zip import check_training_zip
+
+    labels = ["0", "1", "2"]
+    png = b"\x89PNG"  # structure only: nothing is decoded
+
+    def check(data: bytes, max_images: int = 100, max_bytes: int = 1 << 20):
+        return check_training_zip(data, labels, max_images, max_bytes)
+
+    ok = check(_zip({"1/a.png": png, "0/b.PNG": png, "0/sub/c.jpg": png, "2/readme.txt": b""}))
+    assert ok.members == ["0/b.PNG", "0/sub/c.jpg", "1/a.png"] and ok.labels == [0, 0, 1]
+    single = check(_zip({"2/a.png": png}))  # one class folder, not a wrapper
+    assert single.labels == [2]
+    wrapped = check(_zip({"data/": b"", "data/1/a.png": png}))
+    assert wrapped.members == ["data/1/a.png"] and wrapped.labels == [1]
+    cases = [
+        (b"PK\x03\x04 not really", BadParams, "not a readable zip"),
+        (b"", BadParams, "not a readable zip"),
+        (_zip({"a.png": png}), BadParams, "no class folders"),
+        (_zip({"0/a.txt": b"", "1/b.txt": b""}), BadParams, "no images"),
+        (_zip({"cat/a.png": png, "dog/b.png": png}), BadParams, "neither by name nor by count"),
+        (_zip({"../0/a.png": png}), BadParams, r"'\.\.'"),
+        (_zip({"0/../../a.png": png}), BadParams, r"'\.\.'"),
+        (_zip({"/0/a.png": png}), BadParams, "absolute path"),
+        (_zip({"C:/0/a.png": png}), BadParams, "absolute path"),
+        (_zip({"0\\a.png": png}), BadParams, "backslash"),
+        (_zip({"0/a.png": png, "0/./a.png": png}), BadParams, "twice"),
+        (_zip({f"0/{i}.png": png for i in range(101)}), PayloadTooLarge, "101 images"),
+        (_zip({f"0/{i}.txt": b"" for i in range(1300)}), PayloadTooLarge, "members"),
+    ]
+    for data, error, message in cases:
+        with pytest.raises(error, match=message):
+            check(data)
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("0/a.png", b"\0" * (2 << 20))
+    assert len(bomb.getvalue()) < 10_000
+    with pytest.raises(PayloadTooLarge, match="uncompressed"):
+        check(bomb.getvalue())

@@ -115,3 +115,27 @@ def test_uploaded_groups(digits_inputs, tmp_path):
         ig.build_groups(model, inputs, InfluenceGroupsParams(groups=["original", "mine"]))
     with pytest.raises(BadParams, match="'original'"):
         ig.build_groups(model, inputs, InfluenceGroupsParams(groups=["a", "b", "c"], disturbances=["texture"]))
+
+
+def test_groups_on_an_uploaded_training_set(digits_inputs, tmp_path):
+    """A ``training_set`` zip in the job's files replaces the registered set."""
+    import zipfile
+
+    from workers.models.digits import load_split
+
+    model, inputs = digits_inputs
+    x, y, _, _ = load_split()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for k in range(10):
+            for j, i in enumerate(np.flatnonzero(y == k)[:2]):
+                b = io.BytesIO()
+                Image.fromarray((x[i] * 255).round().astype(np.uint8)).save(b, format="PNG")
+                zf.writestr(f"{k}/{j}.png", b.getvalue())
+    params = InfluenceGroupsParams(layers=["fc"], solver="exact", groups=["original", "mine", "mine"])
+    context = JobContext(tmp_path, tmp_path, {"training_set": buf.getvalue()})
+    result = ig.run(model, inputs, params, no_progress, context=context)
+    s = result.summary
+    assert s["training_set"]["size"] == 20 and s["training_set"]["source"].startswith("upload:training_set.zip")
+    scores = np.load(io.BytesIO({a.name: a for a in result.artifacts}["scores.npy"].data))
+    assert scores.shape == (3, 2, 20) and np.isfinite(scores).all()

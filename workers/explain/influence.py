@@ -74,7 +74,8 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from schemas.errors import BadParams, UnsupportedMethod
 from schemas.influence import InfluenceParams
-from workers.datasets import TrainingSetData, load_training_set
+from schemas.training_zip import UPLOAD_NAME
+from workers.datasets import TrainingSetData, load_training_set, uploaded_training_set
 from workers.explain.base import Artifact, Inputs, KindResult, LoadedModel, ProgressFn, no_progress
 from workers.render import npy_bytes
 
@@ -1230,7 +1231,12 @@ def enforce_soundness(result: InfluenceScores, params: InfluenceParams) -> list[
 
 
 def resolve_training_set(model: LoadedModel, context: Any) -> TrainingSetData:
-    """The model's registered training set (``model_dir`` found through ``context.models_dir``)."""
+    """The training set uploaded with the job (``context.files["training_set"]``, a zip:
+    ``workers.datasets.uploaded_training_set``) when there is one, else the model's registered
+    training set (``model_dir`` found through ``context.models_dir``)."""
+    uploaded = (getattr(context, "files", None) or {}).get(UPLOAD_NAME)
+    if uploaded is not None:
+        return uploaded_training_set(uploaded, model.manifest)
     model_dir = None
     models_dir = getattr(context, "models_dir", None)
     if model.manifest.training_set is not None and model.manifest.training_set.kind == "imagefolder" and models_dir:

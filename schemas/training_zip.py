@@ -1,0 +1,179 @@
+"""Training sets uploaded as a zip (the ``training_set`` upload of ``influence`` and
+``influence_groups``): the structure check both the API and the workers run (stdlib only).
+
+Layout: ImageFolder's, ``<class>/<image>`` (images may sit in subfolders of their class
+folder); one top-level folder wrapping the class folders (``train/<class>/<image>``) is
+stripped when it holds no image of its own. Images are the members whose names end in
+:data:`IMAGE_EXTENSIONS` (any case); other files, directory entries, macOS ``__MACOSX/``
+and hidden (``.``) names are ignored. Class folders map to the model's labels by
+:func:`class_to_index`, the same mapping as ImageFolder training set directories
+(``workers.datasets``); samples come in torchvision's ``make_dataset`` order (classes by
+name, then paths sorted), so a zip and the directory it was made from give the same set.
+
+Refused, before anything is queued (and again by the worker, with this code): not a zip,
+an encrypted member or one compressed other than stored/deflate/bzip2/lzma, absolute paths,
+drive letters, backslashes or ``..`` in a member name, a name twice (422); more images than
+``max_training_set_images`` or more members than twice that plus :data:`SPARE_MEMBERS`, a
+declared uncompressed size over ``max_training_set_uncompressed_bytes`` (413: zip bombs; the
+worker reads at most the declared sizes, which ``zipfile`` enforces); no class folders, no
+images, class folders that match the labels neither by name nor by count (422).
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import zipfile
+from dataclasses import dataclass
+
+from schemas.errors import BadParams, PayloadTooLarge
+
+UPLOAD_NAME = "training_set"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+"""torchvision's ImageFolder extensions that the service decodes (``.ppm``/``.pgm`` are not)."""
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+"""Pillow formats a training image is decoded with (those of ``service.images``)."""
+COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+SPARE_MEMBERS = 1024
+"""Members allowed besides images (directory entries, stray files) on top of the image limit."""
+
+
+def class_to_index(classes: list[str], labels: list[str]) -> dict[str, int] | None:
+    """Label index of each class folder: a folder named like one of ``labels`` gets that
+    label's index; otherwise, when there are as many folders as labels, folders map to labels
+    in sorted order (torchvision's convention). None when neither applies."""
+    if classes and all(c in labels for c in classes):
+        return {c: labels.index(c) for c in classes}
+    if classes and len(classes) == len(labels):
+        return {c: i for i, c in enumerate(sorted(classes))}
+    return None
+
+
+def mapping_error(classes: list[str], labels: list[str]) -> str:
+    return (
+        f"{len(classes)} class folders, which match the model's labels neither by name nor by count "
+        f"({len(labels)})"
+    )
+
+
+@dataclass(frozen=True)
+class ZipTrainingSet:
+    """A checked zip: image ``members`` (zip names, in sample order) and their ``labels``."""
+
+    members: list[str]
+    labels: list[int]
+    classes: dict[str, int]
+    uncompressed_bytes: int
+
+
+def _bad_name(name: str) -> bool:
+    parts = name.split("/")
+    return (
+        name.startswith("/")
+        or "\\" in name
+        or (len(name) > 1 and name[1] == ":")
+        or any(p == ".." for p in parts)
+    )
+
+
+def _ignored(parts: list[str]) -> bool:
+    return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts)
+
+
+def check_training_zip(
+    data: bytes, labels: list[str], max_images: int, max_uncompressed_bytes: int
+) -> ZipTrainingSet:
+    """Check an uploaded training set zip against the model's ``labels`` and the limits;
+    raises ``BadParams`` (422) or ``PayloadTooLarge`` (413). Reads the central directory
+    only: no member is decompressed."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except Exception as e:  # BadZipFile, and whatever a mangled central directory raises
+        raise BadParams(f"the training_set upload is not a readable zip file: {e}") from None
+    with archive:
+        infos = archive.infolist()
+    max_members = 2 * max_images + SPARE_MEMBERS
+    if len(infos) > max_members:
+        raise PayloadTooLarge(
+            f"the training_set zip has {len(infos)} members; the limit is {max_members}",
+            details={"limit": max_members},
+        )
+    total = 0
+    files: list[list[str]] = []
+    for info in infos:
+        name = info.filename
+        if _bad_name(name):
+            raise BadParams(
+                f"training_set zip member {name!r} has an absolute path, a backslash or '..'",
+                details={"member": name},
+            )
+        if info.flag_bits & 0x1:
+            raise BadParams(f"training_set zip member {name!r} is encrypted", details={"member": name})
+        if info.compress_type not in COMPRESSIONS:
+            raise BadParams(
+                f"training_set zip member {name!r} uses compression method {info.compress_type}; "
+                "use stored, deflate, bzip2 or lzma",
+                details={"member": name},
+            )
+        total += info.file_size
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if not info.is_dir() and parts and not _ignored(parts):
+            files.append(parts)
+    if total > max_uncompressed_bytes:
+        raise PayloadTooLarge(
+            f"the training_set zip holds {total} bytes uncompressed; the limit is {max_uncompressed_bytes}",
+            details={"limit": max_uncompressed_bytes},
+        )
+    images = [p for p in files if p[-1].lower().endswith(IMAGE_EXTENSIONS)]
+    # One top-level folder around everything, with no image of its own: a wrapper, not a class.
+    tops = {p[0] for p in files}
+    if len(tops) == 1 and all(len(p) >= 3 for p in images) and any(len(p) > 1 for p in files):
+        prefix = 1
+    else:
+        prefix = 0
+    in_classes = [p for p in images if len(p) - prefix >= 2]
+    classes = sorted({p[prefix] for p in files if len(p) - prefix >= 2})
+    if not classes:
+        raise BadParams(
+            "the training_set zip has no class folders: lay it out as <class>/<image> (ImageFolder)",
+            details={"labels": labels},
+        )
+    mapping = class_to_index(classes, labels)
+    if mapping is None:
+        raise BadParams(
+            f"the training_set zip has {mapping_error(classes, labels)}",
+            details={"classes": classes[:100], "labels": labels[:100]},
+        )
+    if not in_classes:
+        raise BadParams(
+            f"the training_set zip holds no images in its class folders ({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    if len(in_classes) > max_images:
+        raise PayloadTooLarge(
+            f"the training_set zip holds {len(in_classes)} images; the limit is {max_images}",
+            details={"limit": max_images},
+        )
+    # torchvision's make_dataset order: class folders by name, then directories, then files sorted.
+    rel = sorted(
+        (p[prefix], posixpath.join(*p[prefix:-1]), p[-1], "/".join(p)) for p in in_classes
+    )
+    prefix_names = {"/".join(p): p for p in in_classes}
+    members = _member_names(infos, set(prefix_names))
+    return ZipTrainingSet(
+        members=[members[r[3]] for r in rel],
+        labels=[mapping[r[0]] for r in rel],
+        classes=mapping,
+        uncompressed_bytes=total,
+    )
+
+
+def _member_names(infos: list[zipfile.ZipInfo], wanted: set[str]) -> dict[str, str]:
+    """Normalised name (``a/./b`` -> ``a/b``) -> the member's name in the zip."""
+    out: dict[str, str] = {}
+    for info in infos:
+        key = "/".join(p for p in info.filename.split("/") if p not in ("", "."))
+        if key in wanted:
+            if key in out:
+                raise BadParams(f"training_set zip has member {key!r} twice", details={"member": key})
+            out[key] = info.filename
+    return out
