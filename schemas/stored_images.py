@@ -17,6 +17,8 @@ import io
 import numpy as np
 from PIL import Image
 
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+"""The Pillow formats an uploaded image is decoded with (Pillow's other plugins stay off)."""
 RAW_MAX_PIXELS = 4_000_000  # 12 MB raw; above it, PNG
 NPY_MAGIC = b"\x93NUMPY"
 

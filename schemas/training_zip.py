@@ -31,8 +31,6 @@ from schemas.errors import BadParams, PayloadTooLarge
 UPLOAD_NAME = "training_set"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 """torchvision's ImageFolder extensions that the service decodes (``.ppm``/``.pgm`` are not)."""
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
-"""Pillow formats a training image is decoded with (those of ``service.images``)."""
 COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 SPARE_MEMBERS = 1024
 """Members allowed besides images (directory entries, stray files) on top of the image limit."""
@@ -157,8 +155,7 @@ def check_training_zip(
     rel = sorted(
         (p[prefix], posixpath.join(*p[prefix:-1]), p[-1], "/".join(p)) for p in in_classes
     )
-    prefix_names = {"/".join(p): p for p in in_classes}
-    members = _member_names(infos, set(prefix_names))
+    members = _member_names(infos, {"/".join(p) for p in in_classes})
     return ZipTrainingSet(
         members=[members[r[3]] for r in rel],
         labels=[mapping[r[0]] for r in rel],

@@ -14,7 +14,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from schemas.manifests import ModelRegistry
-from schemas.settings import Settings, get_settings
+from schemas.settings import Settings
 
 if TYPE_CHECKING:
     from service.metrics import Metrics
@@ -37,7 +37,7 @@ def redis_for(url: str, timeout_s: float) -> Redis:
 
 async def app_settings(request: Request) -> Settings:
     """The settings the app was created with (``service.main.create_app``)."""
-    settings: Settings = getattr(request.app.state, "settings", None) or get_settings()
+    settings: Settings = request.app.state.settings
     return settings
 
 

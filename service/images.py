@@ -20,9 +20,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.errors import BadImage, PayloadTooLarge, UnsupportedMedia
-from schemas.stored_images import encode_rgb
+from schemas.stored_images import UPLOAD_FORMATS, encode_rgb
 
-FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 Image.MAX_IMAGE_PIXELS = None  # our own limit is applied before decoding, from settings
 
 
@@ -61,10 +60,10 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
     if not data:
         raise BadImage("empty image file")
     try:
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        img = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except UnidentifiedImageError:
         raise UnsupportedMedia(
-            "not an image, or a format that is not supported", details={"supported": list(FORMATS)}
+            "not an image, or a format that is not supported", details={"supported": list(UPLOAD_FORMATS)}
         ) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(f"cannot read image: {e}") from None

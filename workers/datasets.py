@@ -39,7 +39,8 @@ import torch
 
 from schemas.errors import BadParams, JobFailure, PayloadTooLarge
 from schemas.models import ModelManifest, Preprocessing
-from schemas.training_zip import IMAGE_FORMATS, check_training_zip, class_to_index, mapping_error
+from schemas.stored_images import UPLOAD_FORMATS
+from schemas.training_zip import check_training_zip, class_to_index, mapping_error
 
 MAX_IN_MEMORY_BYTES = 1 << 30
 """Folders whose preprocessed tensors exceed this are read from disk batch by batch."""
@@ -228,7 +229,7 @@ def _read_zip_images(
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
         for name in members:
             try:
-                with Image.open(io.BytesIO(zf.read(name)), formats=IMAGE_FORMATS) as img:
+                with Image.open(io.BytesIO(zf.read(name)), formats=UPLOAD_FORMATS) as img:
                     if img.width * img.height > max_pixels:
                         raise PayloadTooLarge(
                             f"training_set image {name!r} has {img.width * img.height} pixels; "
@@ -258,10 +259,11 @@ def uploaded_training_set(archive: bytes, manifest: ModelManifest) -> TrainingSe
     checked = check_training_zip(
         archive, manifest.labels, settings.max_training_set_images, settings.max_training_set_uncompressed_bytes
     )
+    archive_sha = hashlib.sha256(archive)
     h = hashlib.sha256(b"zip\0")
     h.update(manifest.preprocessing.model_dump_json().encode())
     h.update(json.dumps(checked.classes, sort_keys=True).encode())
-    h.update(hashlib.sha256(archive).digest())
+    h.update(archive_sha.digest())
     key = h.hexdigest()
     with _lock:
         cached = _uploads.get(key)
@@ -271,7 +273,7 @@ def uploaded_training_set(archive: bytes, manifest: ModelManifest) -> TrainingSe
     data = TrainingSetData(
         labels=np.asarray(checked.labels, dtype=np.int64),
         fingerprint=key,
-        source=f"upload:training_set.zip (sha256 {hashlib.sha256(archive).hexdigest()[:16]})",
+        source=f"upload:training_set.zip (sha256 {archive_sha.hexdigest()[:16]})",
         archive=archive,
         members=checked.members,
         preprocessing=manifest.preprocessing,

@@ -497,12 +497,11 @@ def _select_features(curr_sample: torch.Tensor, original_inputs: torch.Tensor, *
 def _superpixel_method(r: _Run, x: torch.Tensor, t: torch.Tensor, p: Any) -> torch.Tensor:
     """KernelSHAP and LIME on superpixels with Captum's classes, one image per call (each image
     has its own segmentation)."""
-    per_image = p.n_samples
-    fwd = r.fwd_forward(len(x) * per_image)
-    kwargs: dict[str, Any] = {"perturbations_per_eval": r.fwd_bs}
+    fwd = r.fwd_forward(len(x) * p.n_samples)
+    kwargs: dict[str, Any] = {"perturbations_per_eval": r.fwd_bs, "n_samples": p.n_samples}
     method: Any
     if isinstance(p, KernelShapMethod):
-        method, kwargs["n_samples"] = ca.KernelShap(fwd), p.n_samples
+        method = ca.KernelShap(fwd)
     else:
         from captum._utils.models.linear_model import SkLearnLasso
         from captum.attr._core.lime import get_exp_kernel_similarity_function
@@ -512,7 +511,6 @@ def _superpixel_method(r: _Run, x: torch.Tensor, t: torch.Tensor, p: Any) -> tor
             interpretable_model=SkLearnLasso(alpha=p.alpha),
             similarity_func=get_exp_kernel_similarity_function("cosine", p.kernel_width),
         )
-        kwargs["n_samples"] = p.n_samples
     method.from_interp_rep_transform = _select_features
 
     def one(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ is never modified.
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import threading
 from collections import Counter
@@ -97,24 +98,24 @@ class _ReLU6RescaleRule:
         return multipliers
 
 
+@functools.cache
+def _with_relu6_rule(cls: type) -> type:
+    """Captum's ``cls`` (``DeepLift`` or ``DeepLiftShap``) with the Rescale rule for ReLU6."""
+    return type(f"{cls.__name__}ReLU6", (_ReLU6RescaleRule, cls), {})
+
+
 def deeplift(module: nn.Module) -> Any:
     """Captum's ``DeepLift`` on a module prepared for the ``deeplift`` family (ReLU6 included)."""
     from captum.attr import DeepLift
 
-    class DeepLiftReLU6(_ReLU6RescaleRule, DeepLift):
-        pass
-
-    return DeepLiftReLU6(module)
+    return _with_relu6_rule(DeepLift)(module)
 
 
 def deeplift_shap(module: nn.Module) -> Any:
     """Captum's ``DeepLiftShap`` on a module prepared for the ``deeplift`` family."""
     from captum.attr import DeepLiftShap
 
-    class DeepLiftShapReLU6(_ReLU6RescaleRule, DeepLiftShap):
-        pass
-
-    return DeepLiftShapReLU6(module)
+    return _with_relu6_rule(DeepLiftShap)(module)
 
 
 def is_activation(module: nn.Module) -> bool:
