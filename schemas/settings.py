@@ -47,6 +47,9 @@ class Settings(BaseSettings):
 
     worker_heartbeat_s: float = Field(3.0, gt=0)
     worker_lost_after_s: float = Field(15.0, gt=0, description="a silent worker is presumed dead")
+    redis_outage_s: float = Field(
+        300.0, ge=0, description="how long a worker keeps a job's result while Redis is unreachable (workers.outage)"
+    )
     onnx_engine: bool = Field(True, description="serve forward-only passes with ONNX Runtime")
     intra_op_threads: int = Field(0, ge=0, description="0 = number of CPU cores")
 

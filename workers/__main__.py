@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         lost_after_s=settings.worker_lost_after_s,
         batcher=batcher,
         max_rss_mb=settings.worker_max_rss_mb,
+        redis_outage_s=settings.redis_outage_s,
     )
     worker.work(burst=args.burst, with_scheduler=True, max_jobs=settings.worker_max_jobs or None)
 

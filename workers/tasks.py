@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -28,8 +29,9 @@ from schemas.jobs import ClassScore, JobPayload, Prediction, PredictResponse
 from schemas.kinds import KINDS
 from schemas.settings import get_settings
 from workers.budget import MEMORY
-from workers.explain.base import Inputs, JobCanceled, KindResult, LoadedModel
+from workers.explain.base import Artifact, Inputs, JobCanceled, KindResult, LoadedModel
 from workers.fanout import ChunkBoard, work_through
+from workers.outage import REDIS_DOWN, through_outage
 from workers.pipeline import JobContext, decode, execute, forward_in_chunks, kind_module, load_inputs
 from workers.registry import ModelCache, preprocess
 
@@ -48,7 +50,8 @@ def model_cache() -> ModelCache:
 
 class RedisProgress:
     """Progress callback writing ``{done, total, stage}`` to the job's meta (at most every
-    ``interval`` seconds, always on a new stage) and raising ``JobCanceled`` on cancel."""
+    ``interval`` seconds, always on a new stage) and raising ``JobCanceled`` on cancel.
+    Best effort: while Redis is unreachable reports are skipped and the job goes on."""
 
     def __init__(self, job: Job, interval: float = 0.25) -> None:
         self.job, self.interval = job, interval
@@ -59,10 +62,16 @@ class RedisProgress:
         if stage == self._stage and now - self._last < self.interval and done < total:
             return
         self._last, self._stage = now, stage
-        if self.job.connection.exists(keys.cancel_key(self.job.id)):
+        try:
+            canceled = self.job.connection.exists(keys.cancel_key(self.job.id))
+            if not canceled:
+                self.job.meta["progress"] = {"done": done, "total": total, "stage": stage}
+                self.job.save_meta()
+        except REDIS_DOWN as e:
+            log.warning("job %s: progress %d/%d (%s) not reported: %s", self.job.id, done, total, stage, e)
+            return
+        if canceled:
             raise JobCanceled(self.job.id)
-        self.job.meta["progress"] = {"done": done, "total": total, "stage": stage}
-        self.job.save_meta()
 
 
 def fetch_inputs(conn: Redis, ids: list[str]) -> list[bytes]:
@@ -75,7 +84,17 @@ def fetch_inputs(conn: Redis, ids: list[str]) -> list[bytes]:
     return cast(list[bytes], data)
 
 
-def _fail(job: Job, error: InspectorError | JobCanceled | Exception) -> None:
+def _store(job: Job, artifacts: list[Artifact], ttl: int) -> None:
+    with job.connection.pipeline() as pipe:
+        for a in artifacts:
+            pipe.set(keys.artifact_key(job.id, a.name), a.data, ex=ttl)
+        pipe.execute()
+    job.meta["progress"] = {"done": 1, "total": 1, "stage": "done"}
+    job.save_meta()
+
+
+def _fail(job: Job, error: InspectorError | JobCanceled | Exception, kind: str, status: str, seconds: float) -> None:
+    """Record the job's error in its meta and count it (``status``: failed or canceled)."""
     if isinstance(error, InspectorError):
         body = {"type": error.type, "message": error.message, "details": error.details}
     elif isinstance(error, JobCanceled):
@@ -86,6 +105,7 @@ def _fail(job: Job, error: InspectorError | JobCanceled | Exception) -> None:
         body = {"type": "internal", "message": f"{type(error).__name__}: {error}", "details": None}
     job.meta["error"] = body
     job.save_meta()
+    _count(job.connection, kind, status, seconds)
 
 
 def _count(conn: Redis, kind: str, status: str, seconds: float) -> None:
@@ -190,28 +210,25 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     settings = get_settings()
     t0 = time.perf_counter()
     p = JobPayload.model_validate(payload)
+    outage_s = settings.redis_outage_s
     try:
-        params, pngs, context = _prepare(conn, p, job.id)
+        params, pngs, context = through_outage(lambda: _prepare(conn, p, job.id), outage_s, f"job {job.id} inputs")
         progress = RedisProgress(job)
         with MEMORY.applied(int(job.meta.get("memory_mb") or 0)):
             if hasattr(kind_module(p.kind), "run_chunk"):
                 result = _run_chunked(job, p, params, pngs, context, progress)
             else:
                 result = execute(model_cache(), p.kind, p.model_id, p.model_version, pngs, params, progress, context)
-        ttl = settings.result_ttl_s
-        with conn.pipeline() as pipe:
-            for a in result.artifacts:
-                pipe.set(keys.artifact_key(job.id, a.name), a.data, ex=ttl)
-            pipe.execute()
-        job.meta["progress"] = {"done": 1, "total": 1, "stage": "done"}
-        job.save_meta()
+        through_outage(lambda: _store(job, result.artifacts, settings.result_ttl_s), outage_s, f"job {job.id} result")
     except Exception as e:
-        _fail(job, e)
-        _count(conn, p.kind, "canceled" if isinstance(e, JobCanceled) else "failed", time.perf_counter() - t0)
         if not isinstance(e, InspectorError | JobCanceled):
             log.exception("job %s (%s) failed", job.id, p.kind)
+        status = "canceled" if isinstance(e, JobCanceled) else "failed"
+        fail = partial(_fail, job, e, p.kind, status, time.perf_counter() - t0)
+        through_outage(fail, 0 if isinstance(e, REDIS_DOWN) else outage_s, f"job {job.id} error")
         raise
-    _count(conn, p.kind, "finished", time.perf_counter() - t0)
+    count = partial(_count, conn, p.kind, "finished", time.perf_counter() - t0)
+    through_outage(count, outage_s, f"job {job.id} count")
     return {
         "summary": result.summary,
         "artifacts": [{"name": a.name, "media_type": a.media_type, "size": len(a.data)} for a in result.artifacts],

@@ -14,7 +14,11 @@ Also here: the predict batcher thread (``workers.batching``), graceful shutdown 
 RQ's warm shutdown lets the running job finish, then the batcher finishes its batch and
 the worker exits), recycling (``max_jobs`` through RQ; ``max_rss_mb`` here: a worker
 that a job left above it exits after that job, for its supervisor to start a fresh one),
-and each job's memory budget, checked at every beat (``workers.budget``).
+each job's memory budget, checked at every beat (``workers.budget``), and Redis outages:
+a job's outcome is held until Redis is back (``workers.outage``), and the heartbeat
+retries every 0.25 s meanwhile, so the running job's registry entry is renewed as soon as
+Redis answers again (an outage longer than ``lost_after_s`` lets the API see the job as
+lost first: it is then rerun).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from rq.timeouts import TimerDeathPenalty
 
 from schemas import keys
 from workers.budget import MEMORY, rss_mb
+from workers.outage import FIRST_WAIT_S, REDIS_DOWN, through_outage
 
 if TYPE_CHECKING:
     from workers.batching import PredictBatcher
@@ -75,12 +80,14 @@ class InspectorWorker(SimpleWorker):
         lost_after_s: float = 15.0,
         batcher: PredictBatcher | None = None,
         max_rss_mb: int = 0,
+        redis_outage_s: float = 300.0,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("serializer", JSONSerializer)
         super().__init__(*args, **kwargs)
         self.batcher = batcher
         self.max_rss_mb = max_rss_mb
+        self.redis_outage_s = redis_outage_s
         self.heartbeat_s = heartbeat_s
         self.lost_after_s = max(int(lost_after_s), 2)
         self._beating = threading.Event()
@@ -109,8 +116,19 @@ class InspectorWorker(SimpleWorker):
                         self.max_rss_mb, job.id)  # fmt: skip
             self._stop_requested = True
 
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        """RQ's first Redis call once a job has returned or raised: hold the job's outcome
+        here through a Redis outage (``workers.outage``) rather than exit and lose it."""
+        through_outage(
+            lambda: super(InspectorWorker, self).handle_execution_ended(job, queue, heartbeat_ttl),
+            self.redis_outage_s,
+            f"job {job.id} end",
+        )
+
     def _beat(self) -> None:
-        while not self._beating.wait(self.heartbeat_s):
+        wait = self.heartbeat_s
+        while not self._beating.wait(wait):
+            wait = self.heartbeat_s
             try:
                 current = self._current
                 with self.connection.pipeline() as pipe:
@@ -123,7 +141,10 @@ class InspectorWorker(SimpleWorker):
                 MEMORY.check()  # the running job's memory budget (workers.budget)
                 reap_abandoned(self.connection)
                 self._revive_scheduler()
-            except Exception:  # a Redis blip must not kill the heartbeat; the next beat retries
+            except REDIS_DOWN as e:  # beat again soon: a running job's entry must not expire
+                log.warning("heartbeat failed: %s", e)
+                wait = min(FIRST_WAIT_S, self.heartbeat_s)
+            except Exception:  # nothing must kill the heartbeat; the next beat retries
                 log.warning("heartbeat failed", exc_info=True)
 
     def _revive_scheduler(self) -> None:
