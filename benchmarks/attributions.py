@@ -117,11 +117,14 @@ def gradient_passes(p: Any, n: int) -> tuple[int, int]:
         "integrated_gradients": (0, p.n_steps if m == "integrated_gradients" else 0),
         "noise_tunnel": (0, getattr(p, "nt_samples", 0) * getattr(p, "n_steps", 0)),
         "gradient_shap": (0, getattr(p, "n_samples", 0)),
-        "deeplift": (0, 2),
-        "deeplift_shap": (0, 2 * len(getattr(p, "baselines", []))),
+        # two passes (workers.explain.deeplift): the reference forward, the input's forward+backward
+        "deeplift": (1, 1),
+        "deeplift_shap": (len(getattr(p, "baselines", [])), len(getattr(p, "baselines", []))),
         "guided_gradcam": (0, 2),
         "lrp": (1, 1),
     }.get(m, (0, 0) if m in FORWARD else (0, 1))
+    if m == "deeplift" and p.baseline in ("zero", "black"):
+        return 1, n  # one reference pass for every image
     return per[0] * n, per[1] * n
 
 
@@ -242,10 +245,10 @@ def batch_desc(name: str, p: Any, model: Any, n: int) -> str:
     fwd_bs = p.batch_size or model.batch_size
     if name in FORWARD or name == "occlusion_map":
         return f"f{fwd_bs}"
-    if name == "deeplift":
-        return f"2x{min(n, max(1, grad_bs // 2))}"
-    if name == "deeplift_shap":
-        return f"{len(p.baselines)}x1"
+    if name == "deeplift":  # the shared reference (one row), then the inputs
+        return f"1+{min(n, grad_bs)}"
+    if name == "deeplift_shap":  # the baselines, then the image once per baseline
+        return f"{len(p.baselines)}+{len(p.baselines)}"
     if name in ("integrated_gradients", "noise_tunnel", "gradient_shap"):
         return str(grad_bs)
     return str(min(grad_bs, n))
@@ -289,7 +292,7 @@ def main() -> None:
 
     from schemas.attribution import METHODS, AttributionParams, OcclusionMapParams
     from workers.engine import eager_grad_pass
-    from workers.explain import rules
+    from workers.explain import deeplift, rules
     from workers.explain.attribution import attribute
     from workers.explain.occlusion_map import occlusion_grid
     from workers.registry import ModelCache, prepare_builtin_models, preprocess
@@ -338,9 +341,12 @@ def main() -> None:
         t0 = time.perf_counter()
         rules.prepare(model, family, keep=model.manifest.gradcam_layer if family == "guided" else None)
         prep[family] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    deeplift.two_pass(model)
+    prep["two_pass"] = time.perf_counter() - t0
     print(
         f"# rule-prepared copies, built once per model version: "
-        f"guided {prep['guided']:.1f} s, deeplift {prep['deeplift']:.1f} s"
+        f"guided {prep['guided']:.1f} s, deeplift {prep['deeplift']:.1f} s, two-pass deeplift {prep['two_pass']:.1f} s"
     )
 
     # what a worker has imported after its first jobs: scikit-learn (KernelSHAP's and LIME's

@@ -12,10 +12,11 @@ from PIL import Image
 
 from schemas.attribution import METHODS
 from schemas.errors import UnsupportedMethod
-from tests.workers.test_attribution import assert_no_hooks, params
+from tests.workers.test_attribution import assert_no_hooks, params, tiny_model
 from workers import render
-from workers.explain import rules
+from workers.explain import deeplift, rules
 from workers.explain.attribution import attribute, make_baseline
+from workers.explain.base import LoadedModel
 from workers.registry import preprocess
 
 TINY = {
@@ -143,3 +144,70 @@ def test_gradcam_points_at_the_cat(cat, chelsea):
     default = render.to_2d(attribute(model, x, t, params("gradcam"))[0], "max_abs")
     assert float(default[:, :cut].sum() / default.sum()) > CAT_COLUMNS  # still above chance
     assert np.isfinite(heat).all()
+
+
+def _captum_deeplift(model, x, baselines, t, shap: bool) -> torch.Tensor:
+    """Captum's own DeepLift / DeepLiftShap (Rescale rule extended to ReLU6, ``rules.deeplift``)
+    on the prepared copy: the reference of the two-pass computation."""
+    prepared = rules.prepare(model, "deeplift")
+    method = (rules.deeplift_shap if shap else rules.deeplift)(prepared)
+    return method.attribute(x.clone().requires_grad_(), baselines=baselines, target=t).detach()
+
+
+def _torchvision_mobilenet_v2() -> LoadedModel:
+    """torchvision's MobileNetV2 with fixed random weights at 64x64: in-place ReLU6 in every
+    block, residual additions, no max pooling. Its batch norms are calibrated on noise (at
+    their initial statistics the activations shrink to ~1e-10 through the blocks, where
+    Captum's ``eps`` turns its DeepLift into a plain gradient)."""
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(0)
+    module = mobilenet_v2(num_classes=10)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    with torch.no_grad():
+        for _ in range(4):
+            module.train()(torch.rand(8, 3, 64, 64) * 4 - 2)
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return tiny_model(module, (64, 64), 10, mode="RGB")
+
+
+@pytest.mark.parametrize("which", ["efficientnet-lite0", "mobilenet_v2"])
+def test_two_pass_deeplift_equals_captums(cat, which):
+    """DeepLift in two passes (:mod:`workers.explain.deeplift`: the reference alone without
+    gradients, then the input) returns Captum's DeepLift and DeepLiftShap on models whose
+    nonlinearities are ReLU/ReLU6: within 1e-4 of the map's maximum (the convolutions see
+    batches of other sizes), for two images with their own targets and a shared baseline,
+    and an image against three baselines."""
+    if which == "efficientnet-lite0":
+        model, x1, _ = cat
+        x = torch.cat([x1, x1.flip(3)])
+    else:
+        model = _torchvision_mobilenet_v2()
+        x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    t = torch.tensor([281, 7]) if which == "efficientnet-lite0" else torch.tensor([3, 7])
+    assert deeplift.two_pass(model) is not None, "ReLU/ReLU6 only: the two-pass path applies"
+    black = make_baseline("black", x, model.manifest, 0.1, 0)
+    ours = attribute(model, x, t, params("deeplift", baseline="black"))
+    want = _captum_deeplift(model, x, black, t, shap=False)
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    with torch.no_grad():
+        delta = (model.module(x) - model.module(black)).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(ours.sum((1, 2, 3)), delta, rtol=1e-4, atol=1e-4)  # summation-to-delta
+    kinds = ["zero", "black", "uniform_noise"]
+    shap = attribute(model, x[:1], t[:1], params("deeplift_shap", baselines=kinds))
+    dist = torch.cat([make_baseline(k, x[:1], model.manifest, 0.1, 0, draw=i) for i, k in enumerate(kinds)])
+    want = _captum_deeplift(model, x[:1], dist, t[:1], shap=True)
+    torch.testing.assert_close(shap, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    fast = deeplift.two_pass(model)
+    assert fast is not None and all(s.ref is None for s in fast.sites), "no references kept after a call"
+    assert_no_hooks(fast.module)
+
+
+def test_models_with_max_pooling_use_captums_deeplift(model_cache):
+    """Max pooling's DeepLift rule mixes input and reference gradients: ``digits-cnn`` (one
+    MaxPool2d) takes Captum's class (its parity with Captum is in the parity tests)."""
+    assert deeplift.two_pass(model_cache.get("digits-cnn")) is None

@@ -66,7 +66,7 @@ from schemas.attribution import _WithSuperpixels as SuperpixelParams
 from schemas.errors import BadParams
 from schemas.models import ModelManifest
 from workers import render
-from workers.explain import rules
+from workers.explain import deeplift, rules
 from workers.explain.base import Artifact, Inputs, KindResult, LoadedModel, ProgressFn, no_progress
 
 __all__ = ["attribute", "run", "quality_scores", "image_summary", "image_artifacts", "seeded"]
@@ -308,8 +308,18 @@ def _gradient_shap(r: _Run, x: torch.Tensor, t: torch.Tensor, p: GradientShapMet
 
 
 def _deeplift(r: _Run, x: torch.Tensor, t: torch.Tensor, p: DeepLiftMethod) -> torch.Tensor:
+    """Two passes (:mod:`workers.explain.deeplift`) where the model's nonlinearities allow it,
+    else Captum's class, which evaluates inputs and baselines in one batch of ``2n``."""
+    fast = deeplift.two_pass(r.model)
+    if fast is not None:
+        shared = deeplift.shared_row(r.baseline(p.baseline, x, p.blur_sigma))
+        if len(shared) == 1:  # one reference pass for all the chunks
+            with fast.reference(shared):
+                return r.per_chunk(x, t, r.grad_bs, fast.against_reference)
+        return r.per_chunk(
+            x, t, r.grad_bs, lambda xc, tc: fast.attribute(xc, r.baseline(p.baseline, xc, p.blur_sigma), tc)
+        )
     method = rules.deeplift(rules.prepare(r.model, "deeplift"))
-    # DeepLift evaluates inputs and baselines in one batch of 2n
     return r.per_chunk(
         x,
         t,
@@ -319,9 +329,21 @@ def _deeplift(r: _Run, x: torch.Tensor, t: torch.Tensor, p: DeepLiftMethod) -> t
 
 
 def _deeplift_shap(r: _Run, x: torch.Tensor, t: torch.Tensor, p: DeepLiftShapMethod) -> torch.Tensor:
-    method = rules.deeplift_shap(rules.prepare(r.model, "deeplift"))
+    """Per image: DeepLift against each baseline of the distribution, averaged (Captum's
+    ``DeepLiftShap``); in two passes where the model allows it, the image repeated once per
+    baseline."""
     if len(p.baselines) < 2:
         raise BadParams("deeplift_shap needs at least two baselines (Captum averages over the distribution)")
+    fast = deeplift.two_pass(r.model)
+    if fast is not None:
+
+        def one(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+            dist = r.baselines(p.baselines, xc, p.blur_sigma)
+            k = len(dist)
+            return fast.attribute(xc.expand(k, *xc.shape[1:]), dist, tc.expand(k)).mean(0, keepdim=True)
+
+        return r.per_chunk(x, t, 1, one)
+    method = rules.deeplift_shap(rules.prepare(r.model, "deeplift"))
     return r.per_chunk(
         x, t, 1, lambda xc, tc: method.attribute(xc, baselines=r.baselines(p.baselines, xc, p.blur_sigma), target=tc)
     )

@@ -131,12 +131,12 @@ def _is_relu6(module: nn.Module) -> bool:
     )
 
 
-def _is_max_pool(module: nn.Module) -> bool:
+def is_max_pool(module: nn.Module) -> bool:
     return isinstance(module, nn.MaxPool1d | nn.MaxPool2d | nn.MaxPool3d)
 
 
 def _has_nonlinearity(module: nn.Module) -> bool:
-    return any(is_activation(m) or _is_max_pool(m) for m in module.modules())
+    return any(is_activation(m) or is_max_pool(m) for m in module.modules())
 
 
 class _Tracer(fx.Tracer):
@@ -250,7 +250,7 @@ def _isolate_activation_inputs(gm: fx.GraphModule) -> None:
     for node in list(graph.nodes):
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
-        if not (is_activation(gm.get_submodule(str(node.target))) or _is_max_pool(gm.get_submodule(str(node.target)))):
+        if not (is_activation(gm.get_submodule(str(node.target))) or is_max_pool(gm.get_submodule(str(node.target)))):
             continue
         source = node.args[0]
         if len(source.users) > 1:
@@ -259,7 +259,7 @@ def _isolate_activation_inputs(gm: fx.GraphModule) -> None:
             node.args = (copy_node, *node.args[1:])
 
 
-def _leaves(module: nn.Module) -> list[tuple[str, nn.Module]]:
+def leaf_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in module.named_modules() if n and not any(True for _ in m.children())]
 
 
@@ -268,7 +268,7 @@ def _reused_modules(module: nn.Module, probe: torch.Tensor) -> list[str]:
     on the copy being prepared)."""
     calls: Counter[str] = Counter()
     handles = []
-    for name, m in _leaves(module):
+    for name, m in leaf_modules(module):
         handles.append(m.register_forward_pre_hook(lambda _m, _i, name=name: calls.update([name])))
     try:
         with torch.no_grad():
@@ -285,7 +285,7 @@ def lrp_layer_rules(module: nn.Module) -> None:
     this runs before each one."""
     from captum.attr._utils.lrp_rules import EpsilonRule
 
-    for _, m in _leaves(module):
+    for _, m in leaf_modules(module):
         if isinstance(m, nn.Flatten | nn.Identity | nn.Unflatten):
             m.rule = EpsilonRule()  # type: ignore[assignment]
 
@@ -299,7 +299,7 @@ def lrp_cleanup(module: nn.Module) -> None:
 
 
 def _check_family(module: nn.Module, family: Family) -> None:
-    leaves = _leaves(module)
+    leaves = leaf_modules(module)
     if family == "guided":
         bad = [(n, m) for n, m in leaves if is_activation(m) and not isinstance(m, nn.ReLU)]
         if bad:
