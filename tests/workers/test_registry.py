@@ -50,6 +50,7 @@ def test_user_models_torchvision_and_torchscript(models_dir, tmp_path):
     manifest = json.loads((tmp_path / "resnet18-random" / "manifest.json").read_text())
     manifest.update(id="resnet18-ts", architecture="torchscript", arch_name=None, arch_kwargs={}, weights="model.pt")
     (scripted_dir / "manifest.json").write_text(json.dumps(manifest))
+    cache.registry.max_age_s = 0  # see the new directory now (the registry re-scans every 3 s)
     scripted = cache.get("resnet18-ts")
     assert torch.allclose(scripted.forward(x), eager.forward(x), atol=1e-5)
     assert scripted.version == file_sha256(scripted_dir / "model.pt")
