@@ -17,7 +17,9 @@ shape. What this module adds is how the work is cut:
   Captum's per-perturbation full-image work and per-permutation loop over the mask's pixels;
 - rule-based methods (DeepLift, DeepLiftShap, guided backprop, deconvolution, guided
   Grad-CAM, LRP) run on the copy prepared by :mod:`workers.explain.rules`, so their rules
-  apply to every nonlinearity, and never leave hooks on the cached model;
+  apply to every nonlinearity, and never leave hooks on the cached model; DeepLift and
+  DeepLiftShap on ReLU/ReLU6 models run in two passes (:mod:`workers.explain.deeplift`: the
+  reference without gradients, then the inputs), the same maps for half the evaluations;
 - every random draw (noise, baselines, samples, metric perturbations) happens under
   ``params.seed`` without touching the process's global RNG state.
 
