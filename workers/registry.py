@@ -218,9 +218,11 @@ class ModelCache:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, s: Settings, spin_wait: bool = True) -> ModelCache:
+    def from_settings(cls, s: Settings, spin_wait: bool | None = None) -> ModelCache:
+        """The cache the settings describe; ``spin_wait`` defaults to ``s.job_spin_wait``."""
+        spin = s.job_spin_wait if spin_wait is None else spin_wait
         return cls(
-            s.models_dir, s.cache_dir, s.device, s.onnx_engine, intra_op_threads=s.intra_op_threads, spin_wait=spin_wait
+            s.models_dir, s.cache_dir, s.device, s.onnx_engine, intra_op_threads=s.intra_op_threads, spin_wait=spin
         )
 
     def get(self, model_id: str, version: str | None = None) -> LoadedModel:

@@ -295,6 +295,35 @@ def test_every_method_on_digits(model_cache, method):
     assert_no_hooks(model.module)
 
 
+@pytest.mark.parametrize("method", ["occlusion", "kernel_shap", "integrated_gradients"])
+def test_forward_only_methods_leave_the_cores_to_onnx_runtime(model_cache, method):
+    """On the CPU ONNX Runtime engine, torch runs on one thread while a forward-only method
+    builds its batches (``LoadedModel.forward_only``); gradient methods keep every thread,
+    and the setting is restored afterwards."""
+    import dataclasses
+
+    model = model_cache.get("digits-cnn")
+    assert model.engine_name == "onnxruntime"
+    seen: list[int] = []
+
+    def forward(b: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return model.forward(b)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = digits_batch(1)
+        attribute(dataclasses.replace(model, forward=forward), x, model.forward(x).argmax(1), fast_params(method))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    if method == "integrated_gradients":
+        assert not seen, "gradient methods evaluate the eager module"
+    else:
+        assert seen and set(seen) == {1}
+
+
 def test_run_writes_the_artifacts_and_summary(model_cache):
     model = model_cache.get("digits-cnn")
     digits = (digits_batch(2)[:, 0].numpy() * 255).astype(np.uint8)

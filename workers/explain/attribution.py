@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -587,9 +587,10 @@ def attribute(
         raise BadParams(f"{len(t)} targets for {len(x)} images")
     run_method = _METHODS[params.method]
     r = _Run(model, params, progress, len(x))
-    grad = torch.no_grad() if params.method in FORWARD_METHODS else torch.enable_grad()
-    with seeded(params.seed, model.device), grad:
-        out = run_method(r, x, t, params)
+    forward_only = params.method in FORWARD_METHODS
+    with seeded(params.seed, model.device), torch.no_grad() if forward_only else torch.enable_grad():
+        with model.forward_only() if forward_only else nullcontext():
+            out = run_method(r, x, t, params)
     return out.detach().float()
 
 

@@ -91,17 +91,18 @@ def occlusion_grid(
     chunk = params.batch_size or model.batch_size
     total = total or len(positions)
     prob, top, top_p = [], [], []
-    for start in range(0, len(positions), chunk):
-        batch_pos = positions[start : start + chunk]
-        batch = image.unsqueeze(0).repeat(len(batch_pos), 1, 1, 1)
-        for j, (y, x) in enumerate(batch_pos):
-            batch[j, :, y : y + occ, x : x + occ] = fill
-        p = model.forward(batch).float().softmax(1)
-        prob.append(p[:, target].cpu())
-        tp, tc = p.max(1)
-        top.append(tc.cpu())
-        top_p.append(tp.cpu())
-        progress(done + start + len(batch_pos), total, "occlusion")
+    with model.forward_only():
+        for start in range(0, len(positions), chunk):
+            batch_pos = positions[start : start + chunk]
+            batch = image.unsqueeze(0).repeat(len(batch_pos), 1, 1, 1)
+            for j, (y, x) in enumerate(batch_pos):
+                batch[j, :, y : y + occ, x : x + occ] = fill
+            p = model.forward(batch).float().softmax(1)
+            prob.append(p[:, target].cpu())
+            tp, tc = p.max(1)
+            top.append(tc.cpu())
+            top_p.append(tp.cpu())
+            progress(done + start + len(batch_pos), total, "occlusion")
     return OcclusionGrid(
         probability=torch.cat(prob).reshape(rows, cols).numpy().astype(np.float32),
         top_class=torch.cat(top).reshape(rows, cols).numpy().astype(np.int64),
