@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     )
     job_spin_wait: bool = Field(
         False,
-        description="ONNX Runtime threads of the jobs' forward engine spin between runs (off measured 10-21% "
-        "faster for KernelSHAP, LIME and Shapley sampling with 2 threads, equal for occlusion)",
+        description="ONNX Runtime threads of the jobs' forward engine spin between runs (faster on a quiet "
+        "dedicated host, slower when other processes want the cores: benchmarks/thread_pools.py)",
     )
 
     # Completion webhooks (callback_url of a job), signed with HMAC-SHA256

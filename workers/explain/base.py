@@ -66,9 +66,9 @@ class LoadedModel:
         """For a block whose model evaluations all go through ``forward``: on the CPU ONNX
         Runtime engine, torch's own ops in it (building the perturbed batches) run on one
         thread, so that torch's OpenMP threads, spinning after each op, leave the cores to
-        ONNX Runtime's threads (measured with two threads, efficientnet-lite0: occlusion
-        1.17 → 0.95 s, KernelSHAP 1.75 → 1.31 s, Shapley sampling 1.54 → 1.17 s; see
-        docs/performance.md). Elsewhere (eager engine, GPU) it changes nothing."""
+        ONNX Runtime's threads (two threads, efficientnet-lite0: 1.1-1.7x faster;
+        ``benchmarks/thread_pools.py``, docs/performance.md). Elsewhere (eager engine, GPU)
+        it changes nothing."""
         if self.device.type != "cpu" or not self.engine_name.startswith("onnxruntime"):
             yield
             return
