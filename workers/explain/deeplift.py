@@ -108,8 +108,8 @@ class RescaleActivation(nn.Module):
         return RescaleFunction.apply(x, *self.ref, self.hi)
 
     def ref_intact(self) -> bool:
-        """Whether a later layer wrote into the recorded tensors in place (their version
-        counters moved); then the reference pass runs again with copies."""
+        """False when a later layer wrote into the recorded tensors in place (their version
+        counters moved): the reference pass then runs again, keeping copies."""
         return self.ref is not None and (self.ref[0]._version, self.ref[1]._version) == self._versions
 
     def extra_repr(self) -> str:
