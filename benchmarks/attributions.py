@@ -123,7 +123,9 @@ def gradient_passes(p: Any, n: int) -> tuple[int, int]:
         "guided_gradcam": (0, 2),
         "lrp": (1, 1),
     }.get(m, (0, 0) if m in FORWARD else (0, 1))
-    if m == "deeplift" and p.baseline in ("zero", "black"):
+    from workers.explain.attribution import CONSTANT_BASELINES
+
+    if m == "deeplift" and p.baseline in CONSTANT_BASELINES:
         return 1, n  # one reference pass for every image
     return per[0] * n, per[1] * n
 

@@ -107,6 +107,11 @@ def input_range(manifest: ModelManifest) -> float:
     return float((hi - lo).max())
 
 
+CONSTANT_BASELINES: tuple[Baseline, ...] = ("zero", "black")
+"""Baselines that are the same for every image of a model (the others depend on the image or
+on a per-image draw)."""
+
+
 def make_baseline(
     kind: Baseline, x: torch.Tensor, manifest: ModelManifest, blur_sigma: float, seed: int, draw: int = 0
 ) -> torch.Tensor:
@@ -314,9 +319,8 @@ def _deeplift(r: _Run, x: torch.Tensor, t: torch.Tensor, p: DeepLiftMethod) -> t
     else Captum's class, which evaluates inputs and baselines in one batch of ``2n``."""
     fast = deeplift.two_pass(r.model)
     if fast is not None:
-        shared = deeplift.shared_row(r.baseline(p.baseline, x, p.blur_sigma))
-        if len(shared) == 1:  # one reference pass for all the chunks
-            with fast.reference(shared):
+        if p.baseline in CONSTANT_BASELINES:  # one reference row, one pass for all the chunks
+            with fast.reference(r.baseline(p.baseline, x[:1], p.blur_sigma)):
                 return r.per_chunk(x, t, r.grad_bs, fast.against_reference)
         return r.per_chunk(
             x, t, r.grad_bs, lambda xc, tc: fast.attribute(xc, r.baseline(p.baseline, xc, p.blur_sigma), tc)

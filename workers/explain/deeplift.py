@@ -8,8 +8,8 @@ activations the multiplier of row ``i`` depends only on row ``i`` and its refere
 the reference rows' backward is never used (they go back to the baselines, which need no
 gradient). This module computes the same multipliers with
 
-1. the reference pass: the baselines through the model under ``no_grad`` (one row when every
-   image shares the baseline, e.g. ``black`` or ``zero``), keeping each activation's input
+1. the reference pass: the baselines through the model under ``no_grad`` (one row for a
+   baseline every image shares, ``black`` or ``zero``), keeping each activation's input
    and output;
 2. the input pass: the inputs through the model with each activation a
    :class:`RescaleFunction` that computes its multiplier in the forward pass and applies it in
@@ -71,10 +71,6 @@ def _fill_ties(multiplier: torch.Tensor, slope_ref: torch.Tensor) -> None:
     are the same point). Ties are few (measured on efficientnet-lite0: 0.01-0.1% of the
     values at most layers, a dead channel in the stem), so a read-only sum per channel finds
     the channels that have any and only those are rewritten."""
-    if multiplier.dim() < 2:
-        if multiplier.sum().isnan():
-            torch.where(multiplier.isnan(), slope_ref, multiplier, out=multiplier)
-        return
     dims = [d for d in range(multiplier.dim()) if d != 1]
     bad = multiplier.sum(dims).isnan().nonzero().flatten()
     if len(bad) == 0:
@@ -183,15 +179,8 @@ class TwoPassDeepLift:
 
     def attribute(self, x: torch.Tensor, baselines: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """:meth:`against_reference` for ``baselines`` ``(N or 1, C, H, W)``."""
-        with self.reference(shared_row(baselines)):
+        with self.reference(baselines):
             return self.against_reference(x, target)
-
-
-def shared_row(baselines: torch.Tensor) -> torch.Tensor:
-    """``baselines[:1]`` when every row is the same (``black``, ``zero``), else ``baselines``."""
-    if len(baselines) > 1 and torch.equal(baselines, baselines[:1].expand_as(baselines)):
-        return baselines[:1]
-    return baselines
 
 
 def fast_path(prepared: nn.Module) -> bool:
