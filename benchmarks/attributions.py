@@ -13,8 +13,11 @@ method of the ``attribution`` kind, with the method's params (defaults, or small
   in this run: forward evaluations at the best images/s of ``model.forward`` over batch sizes,
   forward+backward evaluations at the best images/s of eager forward+backward to the input
   (parameter gradients off). Gradient-pass counts follow the algorithm (IG: ``n_steps``,
-  DeepLift: input and baseline, LRP: one forward plus one forward+backward...); forward
-  counts are those Captum's own run evaluates (counted on its module);
+  DeepLift: a reference forward per baseline, once for baselines every image shares, and a
+  forward+backward per image and baseline; LRP: one forward plus one forward+backward...);
+  forward counts are those Captum's own run evaluates (counted on its module). DeepLift
+  rows come twice: a worker's first job, and ``(kept ref.)``, a later one, whose shared
+  baselines' reference activations the worker kept (no reference forward for them);
 - ``paired``: the same evaluations alone (the best batch sizes of this run, raw passes of the
   engine's forward or of eager forward+backward), timed right after our run and right after
   Captum's, the faster counting: on a machine shared with other jobs the load drifts
@@ -110,23 +113,26 @@ def raw_costs(forward: Any, grad: Any, xf: Any, xg: Any, kinds: tuple[bool, bool
     return out
 
 
-def gradient_passes(p: Any, n: int) -> tuple[int, int]:
-    """(forward, forward+backward) evaluations a gradient method needs for ``n`` images."""
+def gradient_passes(p: Any, n: int, kept: bool = False) -> tuple[int, int]:
+    """(forward, forward+backward) evaluations a gradient method needs for ``n`` images;
+    ``kept``: DeepLift's reference activations of shared baselines are already kept (a
+    worker's later jobs), so those reference forwards are not needed."""
+    from workers.explain.attribution import SHARED_BASELINES
+
     m = p.method
+    if m in ("deeplift", "deeplift_shap"):
+        # two passes (workers.explain.deeplift): reference forwards (once for the shared
+        # baselines, per image for the others), each image's forward+backward per baseline
+        kinds = [p.baseline] if m == "deeplift" else list(p.baselines)
+        shared = sum(k in SHARED_BASELINES for k in kinds)
+        return (0 if kept else shared) + (len(kinds) - shared) * n, len(kinds) * n
     per = {
         "integrated_gradients": (0, p.n_steps if m == "integrated_gradients" else 0),
         "noise_tunnel": (0, getattr(p, "nt_samples", 0) * getattr(p, "n_steps", 0)),
         "gradient_shap": (0, getattr(p, "n_samples", 0)),
-        # two passes (workers.explain.deeplift): the reference forward, the input's forward+backward
-        "deeplift": (1, 1),
-        "deeplift_shap": (len(getattr(p, "baselines", [])), len(getattr(p, "baselines", []))),
         "guided_gradcam": (0, 2),
         "lrp": (1, 1),
     }.get(m, (0, 0) if m in FORWARD else (0, 1))
-    from workers.explain.attribution import CONSTANT_BASELINES
-
-    if m == "deeplift" and p.baseline in CONSTANT_BASELINES:
-        return 1, n  # one reference pass for every image
     return per[0] * n, per[1] * n
 
 
@@ -247,10 +253,9 @@ def batch_desc(name: str, p: Any, model: Any, n: int) -> str:
     fwd_bs = p.batch_size or model.batch_size
     if name in FORWARD or name == "occlusion_map":
         return f"f{fwd_bs}"
-    if name == "deeplift":  # the shared reference (one row), then the inputs
-        return f"1+{min(n, grad_bs)}"
-    if name == "deeplift_shap":  # the baselines, then the image once per baseline
-        return f"{len(p.baselines)}+{len(p.baselines)}"
+    if name in ("deeplift", "deeplift_shap"):  # reference rows + inputs per forward+backward pass
+        kinds = [p.baseline] if name == "deeplift" else list(p.baselines)
+        return f"{len(kinds)}+{min(n, max(1, grad_bs // len(kinds))) * len(kinds)}"
     if name in ("integrated_gradients", "noise_tunnel", "gradient_shap"):
         return str(grad_bs)
     return str(min(grad_bs, n))
@@ -373,7 +378,10 @@ def main() -> None:
         f"{'max|diff|':>9s}"
     )
     print(header)
-    for name in args.methods or [*METHODS, "occlusion_map"]:
+    entries = [(name, False) for name in args.methods or [*METHODS, "occlusion_map"]]
+    # DeepLift's first job on a worker computes the shared baselines' reference; later ones reuse it
+    entries = [e for name, _ in entries for e in [(name, False), (name, True)][: 2 if "deeplift" in name else 1]]
+    for name, kept in entries:
         p: Any
         if name == "occlusion_map":
             p = OcclusionMapParams()
@@ -391,16 +399,22 @@ def main() -> None:
 
         counting_model = dataclasses.replace(model, forward=counting)
 
-        def ours_run(m: Any = counting_model, p: Any = p, name: str = name) -> torch.Tensor:
+        def ours_run(m: Any = counting_model, p: Any = p, name: str = name, kept: bool = kept) -> torch.Tensor:
+            fast = deeplift.two_pass(m) if "deeplift" in name else None
+            if fast is not None and not kept:
+                fast._kept.clear()  # a worker's first job
             if name == "occlusion_map":
                 return torch.cat(
                     [torch.from_numpy(occlusion_grid(m, x[i], int(t[i]), p).probability) for i in range(len(x))]
                 )
             return attribute(m, x, t, p)
 
-        row: dict[str, Any] = {"method": name, "batch": batch_desc(name, p, model, len(x))}
+        label = f"{name} (kept ref.)" if kept else name
+        row: dict[str, Any] = {"method": label, "batch": batch_desc(name, p, model, len(x))}
         ours_out = captum_out = None
-        n_fwd, n_grad = gradient_passes(p, len(x)) if name != "occlusion_map" else (0, 0)
+        n_fwd, n_grad = gradient_passes(p, len(x), kept) if name != "occlusion_map" else (0, 0)
+        if kept:
+            ours_run()  # the first job, which keeps the reference
         kinds = (n_fwd > 0 or name in FORWARD or name == "occlusion_map", n_grad > 0)
         raws = []
         try:
@@ -449,14 +463,14 @@ def main() -> None:
             row["max_rel_diff"] = float((ours_out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         rows.append(row)
         if "error" in row:
-            print(f"{name:24s} {row['error']}")
+            print(f"{label:24s} {row['error']}")
             continue
         ours, lim, cap = row["ours_s"], row["limit_s"], row.get("captum_s")
         cap_s = f"{cap:9.2f}" if cap else "        -"
         ratio = f"{ours / cap:11.2f}" if cap else "          -"
         diff = f"{row['max_rel_diff']:9.1e}" if "max_rel_diff" in row else "        -"
         print(
-            f"{name:24s} {row['batch']:>5s} {n_fwd:>5d}/{n_grad:<5d} {lim:8.2f} {ours:8.2f} {cap_s} {ratio} "
+            f"{label:24s} {row['batch']:>5s} {n_fwd:>5d}/{n_grad:<5d} {lim:8.2f} {ours:8.2f} {cap_s} {ratio} "
             f"{ours / lim:10.2f} {row['ours_cpu_s'] / row['limit_cpu_s']:9.2f} {ours / row['paired_s']:11.2f} "
             f"{row['ours_cpu_s'] / row['paired_cpu_s']:10.2f} {diff}",
             flush=True,

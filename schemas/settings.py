@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         description="ONNX Runtime threads of the predict batcher spin between batches (faster back-to-back "
         "batches on a dedicated host; off, they leave the cores to the API and the next request's decoding)",
     )
+    deeplift_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="per model, the reference activations DeepLift keeps for baselines shared by every image "
+        "(zero, black, uniform_noise): efficientnet-lite0 at 224x224 takes 50 MB per baseline; 0 = recompute per job",
+    )
     job_spin_wait: bool = Field(
         False,
         description="ONNX Runtime threads of the jobs' forward engine spin between runs (faster on a quiet "

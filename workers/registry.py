@@ -206,6 +206,7 @@ class ModelCache:
         onnx: bool = True,
         intra_op_threads: int = 0,
         spin_wait: bool = True,
+        deeplift_cache_mb: int = 256,
     ) -> None:
         self.models_dir = models_dir
         self.registry = ModelRegistry(models_dir)
@@ -214,6 +215,7 @@ class ModelCache:
         self.onnx = onnx
         self.intra_op_threads = intra_op_threads
         self.spin_wait = spin_wait  # ONNX Runtime threads spin between runs (workers.engine.ort_forward)
+        self.deeplift_cache_mb = deeplift_cache_mb
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._lock = threading.Lock()
 
@@ -222,7 +224,13 @@ class ModelCache:
         """The cache the settings describe; ``spin_wait`` defaults to ``s.job_spin_wait``."""
         spin = s.job_spin_wait if spin_wait is None else spin_wait
         return cls(
-            s.models_dir, s.cache_dir, s.device, s.onnx_engine, intra_op_threads=s.intra_op_threads, spin_wait=spin
+            s.models_dir,
+            s.cache_dir,
+            s.device,
+            s.onnx_engine,
+            intra_op_threads=s.intra_op_threads,
+            spin_wait=spin,
+            deeplift_cache_mb=s.deeplift_cache_mb,
         )
 
     def get(self, model_id: str, version: str | None = None) -> LoadedModel:
@@ -262,4 +270,5 @@ class ModelCache:
             batch_size=engine.batch_size,
             grad_batch_size=engine.grad_batch_size,
             engine_name=engine.name,
+            deeplift_cache_mb=self.deeplift_cache_mb,
         )

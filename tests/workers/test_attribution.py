@@ -98,12 +98,15 @@ def linear() -> tuple[LoadedModel, torch.Tensor]:
     return tiny_model(nn.Sequential(nn.Flatten(), lin), (4, 4), 3), lin.weight.detach().clone()
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("baseline", ["zero", "uniform_noise", "blur"])
-def test_integrated_gradients_of_a_linear_model_is_input_minus_baseline_times_weight(linear, baseline):
+def test_integrated_gradients_of_a_linear_model_is_input_minus_baseline_times_weight(linear, baseline, batch_size):
+    """Also: an image's baseline does not depend on the chunk it is evaluated in (one noise
+    image per seed and draw)."""
     model, w = linear
     x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     t = torch.tensor([0, 2])
-    p = params("integrated_gradients", baseline=baseline, n_steps=5, batch_size=3)
+    p = params("integrated_gradients", baseline=baseline, n_steps=5, batch_size=batch_size)
     got = attribute(model, x, t, p)
     b = make_baseline(baseline, x, model.manifest, p.blur_sigma, p.seed)
     want = (x - b) * w[t].reshape(2, 1, 4, 4)

@@ -197,14 +197,43 @@ def test_two_pass_deeplift_equals_captums(cat, which):
     with torch.no_grad():
         delta = (model.module(x) - model.module(black)).gather(1, t[:, None])[:, 0]
     torch.testing.assert_close(ours.sum((1, 2, 3)), delta, rtol=1e-4, atol=1e-4)  # summation-to-delta
-    kinds = ["zero", "black", "uniform_noise"]
-    shap = attribute(model, x[:1], t[:1], params("deeplift_shap", baselines=kinds))
-    dist = torch.cat([make_baseline(k, x[:1], model.manifest, 0.1, 0, draw=i) for i, k in enumerate(kinds)])
-    want = _captum_deeplift(model, x[:1], dist, t[:1], shap=True)
-    torch.testing.assert_close(shap, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    kinds = ["zero", "blur", "black", "uniform_noise"]  # shared baselines and a per-image one
+    for batch_size in (2, 8):  # 4 baseline rows an image: images in chunks of 1, and of 2 cycling the reference
+        shap = attribute(model, x, t, params("deeplift_shap", baselines=kinds, batch_size=batch_size))
+        for i in range(len(x)):
+            xi = x[i : i + 1]
+            dist = torch.cat([make_baseline(k, xi, model.manifest, 0.1, 0, draw=d) for d, k in enumerate(kinds)])
+            want = _captum_deeplift(model, xi, dist, t[i : i + 1], shap=True)
+            torch.testing.assert_close(shap[i : i + 1], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     fast = deeplift.two_pass(model)
-    assert fast is not None and all(s.ref is None for s in fast.sites), "no references kept after a call"
+    assert fast is not None and all(s.ref is None for s in fast.sites), "no references held after a call"
     assert_no_hooks(fast.module)
+
+
+def test_deeplift_keeps_the_reference_of_shared_baselines(cat):
+    """A second DeepLift job against a shared baseline runs no reference pass and returns the
+    same map; a per-image baseline is never kept; a budget of 0 keeps nothing."""
+    model, x, t = cat
+    fast = deeplift.two_pass(model)
+    assert fast is not None
+    p = params("deeplift", baseline="zero", seed=11)
+    first = attribute(model, x, t, p)
+    passes = fast.reference_passes
+    again = attribute(model, x, t, p)
+    assert fast.reference_passes == passes, "the kept reference served the second job"
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    attribute(model, x, t, params("deeplift", baseline="blur"))
+    attribute(model, x, t, params("deeplift", baseline="blur"))
+    assert fast.reference_passes == passes + 2, "blur depends on the image: recomputed"
+    budget = fast.cache_bytes
+    try:
+        fast.cache_bytes = 0
+        fast._kept.clear()
+        attribute(model, x, t, params("deeplift", baseline="black"))
+        attribute(model, x, t, params("deeplift", baseline="black"))
+        assert fast.reference_passes == passes + 4 and not fast._kept
+    finally:
+        fast.cache_bytes = budget
 
 
 def test_models_with_max_pooling_use_captums_deeplift(model_cache):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -107,15 +107,17 @@ def input_range(manifest: ModelManifest) -> float:
     return float((hi - lo).max())
 
 
-CONSTANT_BASELINES: tuple[Baseline, ...] = ("zero", "black")
-"""Baselines that are the same for every image of a model (the others depend on the image or
-on a per-image draw)."""
+SHARED_BASELINES: tuple[Baseline, ...] = ("zero", "black", "uniform_noise")
+"""Baselines that are the same for every image of a model (``uniform_noise``: for a given seed
+and draw); ``mean`` and ``blur`` depend on the image."""
 
 
 def make_baseline(
     kind: Baseline, x: torch.Tensor, manifest: ModelManifest, blur_sigma: float, seed: int, draw: int = 0
 ) -> torch.Tensor:
-    """A baseline of shape ``x`` ``(N, C, H, W)``; ``draw`` numbers independent noise draws."""
+    """A baseline of shape ``x`` ``(N, C, H, W)``; ``draw`` numbers independent noise draws
+    (one noise image per ``seed`` and ``draw``, the same for every image: whatever the chunk
+    sizes, an image gets the same baseline)."""
     if kind == "zero":
         return torch.zeros_like(x)
     if kind == "black":
@@ -133,8 +135,8 @@ def make_baseline(
         return torch.from_numpy(a).to(x.device, x.dtype)
     lo, hi = input_bounds(manifest, torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed * 7919 + draw)
-    u = torch.rand(x.shape, generator=gen)
-    return (lo + u * (hi - lo)).to(x.device, x.dtype)
+    u = torch.rand((1, *x.shape[1:]), generator=gen)
+    return (lo + u * (hi - lo)).to(x.device, x.dtype).expand_as(x).clone()
 
 
 class CountedForward:
@@ -314,13 +316,21 @@ def _gradient_shap(r: _Run, x: torch.Tensor, t: torch.Tensor, p: GradientShapMet
     return torch.cat(out)
 
 
+def _shared_key(kind: Baseline, row: torch.Tensor, seed: int, draw: int) -> Hashable:
+    """What determines a shared baseline's row ``(1, C, H, W)`` for a model (its kind, the
+    noise draw, the input's size, dtype and device): the key of its reference activations."""
+    noise = (seed, draw) if kind == "uniform_noise" else ()
+    return (kind, *noise, tuple(row.shape), row.dtype, str(row.device))
+
+
 def _deeplift(r: _Run, x: torch.Tensor, t: torch.Tensor, p: DeepLiftMethod) -> torch.Tensor:
     """Two passes (:mod:`workers.explain.deeplift`) where the model's nonlinearities allow it,
     else Captum's class, which evaluates inputs and baselines in one batch of ``2n``."""
     fast = deeplift.two_pass(r.model)
     if fast is not None:
-        if p.baseline in CONSTANT_BASELINES:  # one reference row, one pass for all the chunks
-            with fast.reference(r.baseline(p.baseline, x[:1], p.blur_sigma)):
+        if p.baseline in SHARED_BASELINES:  # one reference row for all the chunks, kept for later jobs
+            row = r.baseline(p.baseline, x[:1], p.blur_sigma)
+            with fast.reference(row, key=_shared_key(p.baseline, row, p.seed, 0)):
                 return r.per_chunk(x, t, r.grad_bs, fast.against_reference)
         return r.per_chunk(
             x, t, r.grad_bs, lambda xc, tc: fast.attribute(xc, r.baseline(p.baseline, xc, p.blur_sigma), tc)
@@ -335,24 +345,55 @@ def _deeplift(r: _Run, x: torch.Tensor, t: torch.Tensor, p: DeepLiftMethod) -> t
 
 
 def _deeplift_shap(r: _Run, x: torch.Tensor, t: torch.Tensor, p: DeepLiftShapMethod) -> torch.Tensor:
-    """Per image: DeepLift against each baseline of the distribution, averaged (Captum's
-    ``DeepLiftShap``); in two passes where the model allows it, the image repeated once per
-    baseline."""
+    """DeepLift against each baseline of the distribution, averaged per image (Captum's
+    ``DeepLiftShap``). In two passes where the model allows it: the shared baselines
+    (``zero``, ``black``, ``uniform_noise``) as one reference for chunks of images, each image
+    once per shared baseline (their activations kept for later jobs), then the per-image
+    baselines (``mean``, ``blur``) with their own reference per chunk."""
     if len(p.baselines) < 2:
         raise BadParams("deeplift_shap needs at least two baselines (Captum averages over the distribution)")
     fast = deeplift.two_pass(r.model)
-    if fast is not None:
+    if fast is None:
+        method = rules.deeplift_shap(rules.prepare(r.model, "deeplift"))
+        return r.per_chunk(
+            x,
+            t,
+            1,
+            lambda xc, tc: method.attribute(xc, baselines=r.baselines(p.baselines, xc, p.blur_sigma), target=tc),
+        )
+    shared = [(i, k) for i, k in enumerate(p.baselines) if k in SHARED_BASELINES]
+    own = [(i, k) for i, k in enumerate(p.baselines) if k not in SHARED_BASELINES]
+    n, total = len(x), torch.zeros_like(x)
 
-        def one(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
-            dist = r.baselines(p.baselines, xc, p.blur_sigma)
-            k = len(dist)
-            return fast.attribute(xc.expand(k, *xc.shape[1:]), dist, tc.expand(k)).mean(0, keepdim=True)
+    def against(xc: torch.Tensor, tc: torch.Tensor, k: int) -> torch.Tensor:
+        """The summed attributions ``(m, C, H, W)`` of a chunk of ``m`` images, each taken once
+        per baseline (rows image-major: row ``a·k + b`` is image ``a`` against baseline ``b``)."""
+        rows = xc[:, None].expand(len(xc), k, *xc.shape[1:]).reshape(-1, *xc.shape[1:])
+        attr = fast.against_reference(rows, tc.repeat_interleave(k))
+        return attr.view(len(xc), k, *xc.shape[1:]).sum(1)
 
-        return r.per_chunk(x, t, 1, one)
-    method = rules.deeplift_shap(rules.prepare(r.model, "deeplift"))
-    return r.per_chunk(
-        x, t, 1, lambda xc, tc: method.attribute(xc, baselines=r.baselines(p.baselines, xc, p.blur_sigma), target=tc)
-    )
+    done, steps = 0, len(p.baselines) * n
+
+    def chunks(k: int) -> Iterator[slice]:
+        """Chunks of images whose ``k`` rows each make about one gradient batch."""
+        nonlocal done
+        for s in _chunks(n, max(1, r.grad_bs // k)):
+            yield s
+            done += k * (s.stop - s.start)
+            r.progress(done, steps, "attribution")
+
+    if shared:
+        dist = torch.cat([r.baseline(k, x[:1], p.blur_sigma, draw=i) for i, k in shared])
+        with fast.reference(dist, key=tuple(_shared_key(k, x[:1], p.seed, i) for i, k in shared)):
+            for s in chunks(len(shared)):
+                total[s] += against(x[s].detach(), t[s], len(shared))
+    for s in chunks(len(own)) if own else ():
+        xc = x[s].detach()
+        # rows image-major, as in against(): image a's baselines, then image a+1's
+        dist = torch.cat([r.baseline(k, xc[a : a + 1], p.blur_sigma) for a in range(len(xc)) for _, k in own])
+        with fast.reference(dist):
+            total[s] += against(xc, t[s], len(own))
+    return total / len(p.baselines)
 
 
 def _guided_module(r: _Run, layer: str | None = None) -> torch.nn.Module:

@@ -42,6 +42,8 @@ class LoadedModel:
     fastest forward-only engine for it (ONNX Runtime when it matches eager, else eager);
     use it for every evaluation that needs no gradient. ``batch_size`` is the chunk size
     measured for forward passes on this device, ``grad_batch_size`` for forward+backward.
+    ``deeplift_cache_mb`` bounds the reference activations DeepLift keeps for shared
+    baselines (:mod:`workers.explain.deeplift`).
     """
 
     manifest: ModelManifest
@@ -52,6 +54,7 @@ class LoadedModel:
     batch_size: int = 16
     grad_batch_size: int = 8
     engine_name: str = "eager"
+    deeplift_cache_mb: int = 256
 
     @property
     def id(self) -> str:
