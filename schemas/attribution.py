@@ -29,7 +29,8 @@ Baseline = Literal["zero", "black", "mean", "blur", "uniform_noise"]
 """Reference input: ``zero`` (0 after normalisation: the data set's mean colour for
 ImageNet-style normalisation), ``black`` (pixel value 0), ``mean`` (the image's own
 per-channel mean), ``blur`` (the image blurred with a Gaussian, Sturmfels et al. 2020),
-``uniform_noise`` (uniform over the valid pixel range, seeded)."""
+``uniform_noise`` (uniform over the valid pixel range: one noise image per seed, and per
+entry of a baseline distribution, the same for every image of the job)."""
 
 Superpixels = Literal["grid", "slic"]
 
