@@ -402,7 +402,7 @@ def main() -> None:
         def ours_run(m: Any = counting_model, p: Any = p, name: str = name, kept: bool = kept) -> torch.Tensor:
             fast = deeplift.two_pass(m) if "deeplift" in name else None
             if fast is not None and not kept:
-                fast._kept.clear()  # a worker's first job
+                fast.forget()  # a worker's first job
             if name == "occlusion_map":
                 return torch.cat(
                     [torch.from_numpy(occlusion_grid(m, x[i], int(t[i]), p).probability) for i in range(len(x))]

@@ -228,7 +228,7 @@ def test_deeplift_keeps_the_reference_of_shared_baselines(cat):
     budget = fast.cache_bytes
     try:
         fast.cache_bytes = 0
-        fast._kept.clear()
+        fast.forget()
         attribute(model, x, t, params("deeplift", baseline="black"))
         attribute(model, x, t, params("deeplift", baseline="black"))
         assert fast.reference_passes == passes + 4 and not fast._kept

@@ -55,7 +55,7 @@ class RescaleFunction(torch.autograd.Function):
         y = x.clamp(0.0, hi)
         xv, xr = _cyclic(x, x_ref)
         yv, yr = _cyclic(y, y_ref)
-        multiplier = (yv - yr).div_(xv - xr).view(x.shape)
+        multiplier = (yv - yr).div_(xv - xr).reshape(x.shape).contiguous()
         _fill_ties(multiplier, x_ref, hi)
         ctx.save_for_backward(multiplier)
         return y
@@ -82,9 +82,10 @@ def _fill_ties(multiplier: torch.Tensor, x_ref: torch.Tensor, hi: float) -> None
     """Replace the 0/0 of ties (``x = x_ref``) in ``multiplier`` ``(N, C, ...)`` (contiguous)
     by the derivative there, ``1[0 < x_ref < hi]`` (``x_ref`` ``(R, C, ...)``, row ``i`` of the
     multiplier against row ``i % R``; at a tie the two are the same point). Ties are few
-    (measured on efficientnet-lite0: 0.01-0.1% of the values at most layers, a dead channel
-    in the stem), so a read-only sum per row and channel finds the planes that have any and
-    only those are rewritten."""
+    (efficientnet-lite0: 0.01-0.1% of the values at most layers) but spread (20-24% of the
+    (row, channel) planes hold one: a depthwise convolution over a region clamped in both
+    input and reference gives its bias in both), so a read-only sum per plane finds the
+    planes that have any and only those are rewritten."""
     n, c = multiplier.shape[:2]
     planes = multiplier.view(n * c, -1)
     bad = planes.sum(1).isnan().nonzero().flatten()
@@ -196,6 +197,11 @@ class TwoPassDeepLift:
         finally:
             for s in self.sites:
                 s.recording = False
+
+    def forget(self) -> None:
+        """Drop the kept reference activations (the next job computes them again)."""
+        with self._lock:
+            self._kept.clear()
 
     def _keep(self, key: Hashable) -> None:
         refs = [s.ref for s in self.sites if s.ref is not None]
