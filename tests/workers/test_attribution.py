@@ -227,6 +227,28 @@ def test_superpixel_masks_are_consecutive_feature_ids(chelsea):
         superpixel_mask(torch.rand(1, 3, 32, 32), METHODS["lime"](method="lime"))  # noise: SLIC merges all
 
 
+def test_lime_similarity_and_sample_images_equal_captums_per_sample_computation(chelsea):
+    """LIME's kernel from per-superpixel sums equals Captum's cosine kernel over the whole
+    input, and a batch of samples' images equals Captum's ``m · x + (1 − m) · baseline``."""
+    from captum.attr._core.lime import default_from_interp_rep_transform, get_exp_kernel_similarity_function
+
+    from workers.explain.attribution import _CosineKernel, _SampleImages
+
+    x = torch.from_numpy(chelsea[:64, :96].transpose(2, 0, 1) / 255.0).float()[None] * 4 - 2
+    base = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) - 0.5
+    mask = superpixel_mask(x, METHODS["lime"](method="lime", superpixels="grid", n_segments=16))
+    samples = torch.bernoulli(torch.full((6, 16), 0.5), generator=torch.Generator().manual_seed(1)).long()
+    samples[0], samples[1] = 0, 1  # the baseline alone, and the image itself
+    ours = _CosineKernel(x, base, mask, 0.75)
+    want = get_exp_kernel_similarity_function("cosine", 0.75)
+    images = _SampleImages(lambda b: b, x, base, mask)(samples)
+    for i, sample in enumerate(samples):
+        image = default_from_interp_rep_transform(sample[None], x, feature_mask=mask, baselines=base)
+        torch.testing.assert_close(images[i : i + 1], image, rtol=0, atol=0)
+        assert ours(x, sample[None], sample[None]) == pytest.approx(want(x, image, sample[None]), rel=1e-5, abs=1e-6)
+    assert ours(x, samples[1:2], samples[1:2]) == pytest.approx(1.0)
+
+
 # --- the params schema --------------------------------------------------------------------------
 
 
