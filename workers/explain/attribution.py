@@ -15,11 +15,14 @@ shape. What this module adds is how the work is cut:
   set to ``model.batch_size``; occlusion, feature ablation and Shapley value sampling are
   Captum's algorithms (same windows, draws and sums, the same maps) written here without
   Captum's per-perturbation full-image work and per-permutation loop over the mask's pixels;
+  KernelSHAP and LIME keep Captum's sampling and fit, with the samples' images built per
+  batch and LIME's similarity from per-superpixel sums;
 - rule-based methods (DeepLift, DeepLiftShap, guided backprop, deconvolution, guided
   Grad-CAM, LRP) run on the copy prepared by :mod:`workers.explain.rules`, so their rules
   apply to every nonlinearity, and never leave hooks on the cached model; DeepLift and
   DeepLiftShap on ReLU/ReLU6 models run in two passes (:mod:`workers.explain.deeplift`: the
-  reference without gradients, then the inputs), the same maps for half the evaluations;
+  reference without gradients, kept across jobs for baselines every image shares, then
+  the inputs), the same maps for half the evaluations;
 - every random draw (noise, baselines, samples, metric perturbations) happens under
   ``params.seed`` without touching the process's global RNG state.
 
