@@ -378,9 +378,9 @@ def main() -> None:
         f"{'max|diff|':>9s}"
     )
     print(header)
-    entries = [(name, False) for name in args.methods or [*METHODS, "occlusion_map"]]
+    names = args.methods or [*METHODS, "occlusion_map"]
     # DeepLift's first job on a worker computes the shared baselines' reference; later ones reuse it
-    entries = [e for name, _ in entries for e in [(name, False), (name, True)][: 2 if "deeplift" in name else 1]]
+    entries = [(name, kept) for name in names for kept in ((False, True) if "deeplift" in name else (False,))]
     for name, kept in entries:
         p: Any
         if name == "occlusion_map":
