@@ -389,9 +389,9 @@ def _deeplift_shap(r: _Run, x: torch.Tensor, t: torch.Tensor, p: DeepLiftShapMet
         dist = torch.cat([r.baseline(k, x[:1], p.blur_sigma, draw=i) for i, k in shared])
         with fast.reference(dist, key=tuple(_shared_key(k, x[:1], p.seed, i) for i, k in shared)):
             for s in chunks(len(shared)):
-                total[s] += against(x[s].detach(), t[s], len(shared))
+                total[s] += against(x[s], t[s], len(shared))
     for s in chunks(len(own)) if own else ():
-        xc = x[s].detach()
+        xc = x[s]
         # rows image-major, as in against(): image a's baselines, then image a+1's
         dist = torch.cat([r.baseline(k, xc[a : a + 1], p.blur_sigma) for a in range(len(xc)) for _, k in own])
         with fast.reference(dist):
@@ -602,8 +602,9 @@ class _CosineKernel:
 
     def __call__(self, original: torch.Tensor, perturbed: torch.Tensor, sample: torch.Tensor, **kwargs: Any) -> float:
         keep = sample[0].to(torch.float64)
-        dot = float((keep * self.xx + (1 - keep) * self.xb).sum())
-        norm_p = float((keep * self.xx + (1 - keep) * self.bb).sum().clamp_min(0).sqrt())
+        kept = float(keep @ self.xx)  # the kept superpixels' x·x: in both the dot product and |image|²
+        dot = kept + float((1 - keep) @ self.xb)
+        norm_p = math.sqrt(max(0.0, kept + float((1 - keep) @ self.bb)))
         distance = 1 - dot / max(self.norm_x * norm_p, 1e-8)
         return math.exp(-(distance**2) / (2 * self.width**2))
 
@@ -617,7 +618,6 @@ def _superpixel_method(r: _Run, x: torch.Tensor, t: torch.Tensor, p: Any) -> tor
     kwargs: dict[str, Any] = {"perturbations_per_eval": r.fwd_bs, "n_samples": p.n_samples}
 
     def one(xc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
-        xc = xc.detach()
         mask = superpixel_mask(xc, p)
         base = r.baseline(p.baseline, xc, p.blur_sigma)
         images = _SampleImages(fwd, xc, base, mask)
