@@ -50,6 +50,9 @@ class JobView(BaseModel):
     result: dict[str, Any] | None = None
     artifacts: list[ArtifactLink] = Field(default_factory=list)
     deduplicated: bool = Field(False, description="true when an identical earlier submission was reused")
+    cold_start_s: float | None = Field(
+        None, description="seconds the job waited for its worker to load and warm the model (absent when it was warm)"
+    )
 
 
 class JobPayload(BaseModel):
@@ -81,6 +84,23 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction] = Field(description="one per input image, in order")
     runtime_ms: float
     batch_size: int = Field(1, description="images in the batched forward pass that served this request")
+    cold_start_s: float | None = Field(
+        None, description="seconds this request waited for the worker to load and warm the model (absent when warm)"
+    )
+
+
+class WarmState(BaseModel):
+    """What one worker has warm, as it publishes it (``schemas.keys.warm_key``): the API's
+    ``/readyz`` and ``GET /v1/models/{id}`` read it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    worker: str
+    queues: list[str]
+    ready: bool = Field(description="every model it was asked to warm is warm (it takes work)")
+    models: dict[str, str] = Field(default_factory=dict, description="warm model id -> version")
+    warming: list[str] = Field(default_factory=list, description="model ids being warmed now")
+    failed: dict[str, str] = Field(default_factory=dict, description="model id -> why its warm-up failed")
 
 
 class Base64Images(BaseModel):

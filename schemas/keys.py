@@ -75,5 +75,10 @@ def unfinished_key(tenant: str) -> str:
     return f"{PREFIX}:unfinished:{tenant}"
 
 
+def warm_key(worker_name: str) -> str:
+    """JSON of what a worker has warm (``schemas.jobs.WarmState``); expires with its heartbeat."""
+    return f"{PREFIX}:warm:{worker_name}"
+
+
 STATS_KEY = f"{PREFIX}:stats"
 """Hash of counters workers increment: ``jobs:<kind>:<status>``, ``seconds:<kind>``."""

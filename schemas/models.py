@@ -75,6 +75,10 @@ class ModelInfo(BaseModel):
     layers: list[str]
     has_training_set: bool
     metrics: dict[str, float]
+    warm: bool | None = Field(
+        None, description="a live worker has this version loaded and warm (None: not asked, e.g. in the list)"
+    )
+    warm_workers: list[str] = Field(default_factory=list, description="names of the workers that have it warm")
 
 
 class ModelList(BaseModel):

@@ -51,6 +51,17 @@ class Settings(BaseSettings):
         300.0, ge=0, description="how long a worker keeps a job's result while Redis is unreachable (workers.outage)"
     )
     onnx_engine: bool = Field(True, description="serve forward-only passes with ONNX Runtime")
+    warm_models: str = Field(
+        "all",
+        description="models a worker warms before it takes work (load, engine, batch sizes, one forward and "
+        "one forward+backward): 'all' registered ones, 'none', or ids separated by commas (workers.warmup)",
+    )
+    model_memory_mb: int = Field(
+        0,
+        ge=0,
+        description="per worker, the memory its loaded models may take (weights and engine); beyond it the "
+        "least recently used model is unloaded; 0 = no limit",
+    )
     intra_op_threads: int = Field(0, ge=0, description="0 = number of CPU cores")
 
     # Security and tenancy (docs/security.md). No keys configured = auth off (local default).

@@ -379,6 +379,7 @@ def view(job: Job, conn: Redis, base_url: str = "", deduplicated: bool = False) 
         result=result,
         artifacts=artifacts,
         deduplicated=deduplicated,
+        cold_start_s=job.meta.get("cold_start_s"),
     )
 
 

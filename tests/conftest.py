@@ -152,6 +152,9 @@ def settings(redis_server: RedisServer, models_dir: Path):
         predict_timeout_s=60,
         worker_heartbeat_s=1,
         worker_lost_after_s=4,
+        # Workers warm only what a test preloads (--preload): warming every model at each
+        # worker start would cost the suite minutes (tests/workers/test_warmup.py warms).
+        warm_models="none",
     )
 
 

@@ -221,7 +221,9 @@ def test_api_healthcheck_is_a_route_that_answers(base: dict[str, Any]) -> None:
     m = re.search(r"http://(?:127\.0\.0\.1|localhost):8000(/[\w/-]*)", probe)
     assert m, probe
     assert m.group(1) in route_paths(app)
-    assert TestClient(app).get(m.group(1)).status_code == 200  # /healthz needs no Redis
+    # /readyz (ready = a warm worker per queue) answers without Redis too: 503, not an error page
+    answer = TestClient(app).get(m.group(1))
+    assert answer.status_code == 503 and answer.json()["ready"] is False
     assert any(p.split(":")[-1] == "8000" for p in _ports(api)), "the api publishes port 8000"
     assert "Dockerfile.api" in api["build"]["dockerfile"]
     assert "--port 8000" in " ".join(_dockerfile_cmd(ROOT / "docker" / "Dockerfile.api"))

@@ -2,9 +2,14 @@
 
     python -m workers worker [--queues high default low] [--burst] [--preload ID ...] [--no-predict]
     python -m workers prepare
+    python -m workers ready     # exit 0 when a worker of this host is registered and warm (healthchecks)
 
 A worker re-executes itself once with ``ALLOCATOR_ENV`` (``workers.allocator``) in its
 environment: glibc's default allocator costs 25-30% on batched passes.
+
+Before it registers for its queues a worker warms its models (``workers.warmup``: the
+``warm_models`` setting, ``all`` by default, plus ``--preload``), and publishes what it has
+warm for ``/readyz``.
 
 A worker on the ``high`` queue also serves predicts (batched: ``workers.batching``) unless
 ``--no-predict``. It runs RQ's scheduler (one per Redis, by lock), which moves retries
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from redis import Redis
@@ -37,7 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--name", default=None)
     w.add_argument("--no-predict", action="store_true", help="do not serve predicts (high queue workers do)")
     sub.add_parser("prepare", help="write the built-in models into the models directory")
+    sub.add_parser("ready", help="exit 0 when a worker on this host is registered and warm, else 1")
     args = parser.parse_args(argv)
+    if args.command == "ready":
+        raise SystemExit(0 if _host_worker_ready() else 1)
     if args.command == "worker":
         exec_with_allocator_env(sys.argv[1:] if argv is None else argv)
 
@@ -53,26 +62,26 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from workers.tasks import model_cache
+    from workers.warmup import Warmer
     from workers.worker import InspectorWorker
 
     if settings.intra_op_threads:
         torch.set_num_threads(settings.intra_op_threads)
-    for model_id in args.preload:
-        model_cache().get(model_id)
     conn = Redis.from_url(settings.redis_url)
     batcher = None
     if "high" in args.queues and not args.no_predict and not args.burst:
         from workers.batching import PredictBatcher
         from workers.registry import ModelCache
 
+        # One copy of each model: the batcher shares the jobs' cache, unless the two are set
+        # to different ONNX Runtime spin modes (a session option, fixed when it is made).
+        shared = settings.predict_spin_wait == settings.job_spin_wait
         batcher = PredictBatcher(
             Redis.from_url(settings.redis_url, socket_timeout=30),
-            ModelCache.from_settings(settings, spin_wait=settings.predict_spin_wait),
+            model_cache() if shared else ModelCache.from_settings(settings, spin_wait=settings.predict_spin_wait),
             max_batch=settings.predict_max_batch,
             max_delay_ms=settings.predict_max_delay_ms,
         )
-        for model_id in args.preload:
-            batcher.models.get(model_id)
     worker = InspectorWorker(
         args.queues,
         connection=conn,
@@ -83,7 +92,54 @@ def main(argv: list[str] | None = None) -> None:
         max_rss_mb=settings.worker_max_rss_mb,
         redis_outage_s=settings.redis_outage_s,
     )
+    warmer = Warmer(
+        conn,
+        model_cache(),
+        worker.name,
+        list(args.queues),
+        settings.warm_models,
+        args.preload,
+        publish_s=settings.worker_heartbeat_s,
+        rescan_s=settings.worker_heartbeat_s,
+        ttl_s=int(settings.worker_lost_after_s) + 60,
+    )
+    worker.warmer = warmer
+    # A stop asked for during the warm-up (Ctrl-C, SIGTERM) ends the worker quietly; RQ
+    # installs its own handlers (warm shutdown) once it works.
+    previous = {sig: signal.signal(sig, _exit_quietly) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        warmer.warm_up()
+        if batcher is not None and batcher.models is not model_cache():
+            for model_id in model_cache().loaded():
+                batcher.models.get(model_id)
+    except SystemExit:
+        warmer.stop()
+        raise
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     worker.work(burst=args.burst, with_scheduler=True, max_jobs=settings.worker_max_jobs or None)
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _host_worker_ready() -> bool:
+    """A worker on this host (RQ records each worker's hostname) is registered and warm."""
+    import socket
+
+    from rq import Worker
+
+    from schemas.jobs import WarmState
+
+    settings = get_settings()
+    conn = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
+    host = socket.gethostname()
+    for w in Worker.all(connection=conn):
+        raw = conn.get(keys.warm_key(w.name)) if w.hostname == host else None
+        if raw is not None and WarmState.model_validate_json(raw).ready:
+            return True
+    return False
 
 
 if __name__ == "__main__":

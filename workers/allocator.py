@@ -5,6 +5,8 @@ Torch-free, so launchers import it without loading torch.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import sys
 
@@ -28,3 +30,28 @@ def exec_with_allocator_env(argv: list[str]) -> None:
     missing = {k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}
     if missing:
         os.execve(sys.executable, [sys.executable, "-m", "workers", *argv], {**os.environ, **missing})
+
+
+def release_free_memory() -> bool:
+    """Give the allocator's free memory back to the OS (glibc ``malloc_trim(0)``: the free
+    top of every arena and the free pages inside them). The settings above keep freed blocks
+    for the next batch, which is right within a job and wrong between jobs: a worker calls
+    this after each job and after its warm-up, so its resident memory returns to near idle
+    (docs/deployment.md). Returns whether anything was released; False where there is no
+    glibc (musl, macOS)."""
+    libc = _libc()
+    return bool(libc is not None and libc.malloc_trim(0))
+
+
+_LIBC: list[ctypes.CDLL | None] = []
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.append(libc)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    return _LIBC[0]

@@ -13,10 +13,12 @@ requests come concurrently (the previous batch had more than one), so a lone cli
 request is served at once instead of paying ``max_delay_ms`` for company that never comes.
 
 LPOP/BLPOP hand each request to exactly one worker, so workers share the load; a request
-past its deadline (its client got 503) is dropped, not computed. The batcher keeps its own
-model cache: a predict never runs through a module that a job on the main thread may be
-hooking (Captum's layer methods register forward hooks), at the cost of one more copy of
-each model that serves predicts.
+past its deadline (its client got 503) is dropped, not computed. The batcher shares the
+jobs' model cache (one copy of each model per worker): its predicts run through the ONNX
+Runtime session, never through the module that a job on the main thread may be hooking
+(Captum's DeepLift and layer methods register forward hooks that change what the module
+computes). A model whose engine is eager (no ONNX) gets a second copy of the batcher's own.
+A request that had to wait for its model to load says how long in ``cold_start_s``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from schemas import keys
 from schemas.errors import InspectorError, JobFailure
 from schemas.jobs import PredictResponse
 from schemas.manifests import ModelRegistry
+from workers.explain.base import LoadedModel
 from workers.pipeline import decode, forward_in_chunks
 from workers.registry import ModelCache, preprocess
 from workers.tasks import top_predictions
@@ -76,6 +79,7 @@ class PredictBatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._concurrent = False  # the last batch had more than one request: wait to fill the next
+        self._eager: ModelCache | None = None  # own copies of models served eagerly (see _model)
         self.batches = 0  # counters, for logs and tests
         self.requests = 0
 
@@ -119,7 +123,7 @@ class PredictBatcher:
         live = [r for r in batch if r.deadline > now]
         replies: dict[str, dict[str, Any]] = {}
         try:
-            model = self.models.get(model_id)
+            model, cold_s = self._model(model_id)
             data = self.conn.mget([keys.input_key(i) for r in live for i in r.inputs]) if live else []
             tensors: list[torch.Tensor] = []
             ok: list[PredictRequest] = []
@@ -150,6 +154,7 @@ class PredictBatcher:
                         predictions=top_predictions(p, model.manifest.labels, r.top_k),
                         runtime_ms=ms,
                         batch_size=len(x),
+                        cold_start_s=round(cold_s, 3) if cold_s > 0.05 else None,
                     ).model_dump()
         except InspectorError as e:
             replies = {r.id: _error(e) for r in live}
@@ -165,6 +170,18 @@ class PredictBatcher:
         self.batches += 1
         self.requests += len(batch)
         return replies
+
+    def _model(self, model_id: str) -> tuple[LoadedModel, float]:
+        """The model and the seconds spent waiting for it to load (see the module doc): the
+        jobs' copy when its forward engine is ONNX Runtime (a session Captum's hooks on the
+        module cannot touch), a copy of the batcher's own when the engine is eager."""
+        model, cold_s = self.models.get_timed(model_id)
+        if model.engine_name == "eager":
+            if self._eager is None:
+                self._eager = self.models.sibling()
+            model, own_s = self._eager.get_timed(model_id)
+            cold_s += own_s
+        return model, cold_s
 
     def serve_once(self) -> int:
         """Take and serve one batch; returns how many requests it had (0 when none came)."""

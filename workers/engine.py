@@ -2,9 +2,9 @@
 
 DESIGN.md rules 6 and 7. :func:`build_engine` runs once per model version and device:
 
-1. **Export** the module to ONNX with a dynamic batch axis, once per model version, to
-   ``<cache_dir>/onnx/<model_id>-<version>.onnx``. The TorchScript tracer
-   (``torch.onnx.export(dynamo=False)``) goes first; the ``torch.export``-based exporter
+1. **Export** the module to ONNX with a dynamic batch axis, once per model version and
+   library versions (:func:`library_key`), to ``<cache_dir>/onnx/<model_id>-<version>-<libs>.onnx``.
+   The TorchScript tracer (``torch.onnx.export(dynamo=False)``) goes first; the ``torch.export``-based exporter
    (``dynamo=True``) is the fallback. Written to a temporary file and renamed, under a file
    lock, so workers starting together export once and never see half a file.
 2. **Load** it with ONNX Runtime: the CPU provider with ``intra_op_threads`` threads (0 = the
@@ -16,7 +16,7 @@ DESIGN.md rules 6 and 7. :func:`build_engine` runs once per model version and de
 4. **Measure** the batch sizes: images/s of the engine's forward and of eager
    forward+backward to the input (parameter gradients off) at a few candidate sizes
    (:data:`CPU_CANDIDATES`, :data:`GPU_CANDIDATES`), and pick the smallest within 5% of the
-   best. The result is stored beside the ONNX file (``<model_id>-<version>.json``, keyed by
+   best. The result is stored beside the ONNX file (``<model_id>-<version>-<libs>.json``, keyed by
    device and thread counts) so the next worker start only loads and re-checks.
 
 When export, load or check fails the engine is eager PyTorch (``Engine.name == "eager"``),
@@ -87,6 +87,8 @@ class Engine:
     reason: str = ""
     forward_images_per_s: dict[int, float] = field(default_factory=dict)
     grad_images_per_s: dict[int, float] = field(default_factory=dict)
+    engine_s: float = 0.0  # seconds to export (or load) and check the engine
+    measure_s: float = 0.0  # seconds to measure the batch sizes (0 when they came from the cache)
 
 
 class EngineUnavailable(Exception):
@@ -356,6 +358,22 @@ def _read_meta(path: Path) -> dict[str, Any]:
         return {}
 
 
+def library_key() -> str:
+    """Short hash of the versions that make an export or a measurement stale: torch, the ONNX
+    exporters and ONNX Runtime, and :data:`OPSET`. Part of every cache file name, so a library
+    upgrade starts a new entry instead of reusing one it may not load or time alike."""
+    import hashlib
+    from importlib import metadata
+
+    versions = []
+    for dist in ("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            versions.append(f"{dist}={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist}=-")
+    return hashlib.sha256(f"{';'.join(versions)};opset={OPSET}".encode()).hexdigest()[:10]
+
+
 def _device_key(device: torch.device, threads: int, use_onnx: bool) -> str:
     if device.type == "cuda":
         where = f"cuda:{torch.cuda.get_device_name(device)}"
@@ -480,11 +498,13 @@ def build_engine(
     tol = CUDA_TOLERANCE if device.type == "cuda" else TOLERANCE
     onnx_dir = cache_dir / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{entry.manifest.id}-{entry.version}"
+    stem = f"{entry.manifest.id}-{entry.version}-{library_key()}"
     onnx_path, meta_path = onnx_dir / f"{stem}.onnx", onnx_dir / f"{stem}.json"
     key = _device_key(device, threads, use_onnx)
     eager = eager_forward(module)
+    measure_s = 0.0
 
+    t0 = time.perf_counter()
     with _file_lock(onnx_dir / f"{stem}.lock"):
         meta = _read_meta(meta_path)
         meta.update(model_id=entry.manifest.id, version=entry.version)
@@ -507,7 +527,9 @@ def build_engine(
             except EngineUnavailable as e:
                 name, forward, reason = "eager", eager, str(e)
         if cached is None or cached["engine"] != name:
+            t1 = time.perf_counter()
             cached = _measure(module, eager, (name, forward, reason), shape, device, tol, budget_s)
+            measure_s = time.perf_counter() - t1
             name, reason = cached["engine"], cached["reason"]
             forward = eager if name == "eager" else forward
             meta["devices"][key] = cached
@@ -527,4 +549,6 @@ def build_engine(
         reason,
         {int(k): v for k, v in cached["forward_images_per_s"].items()},
         {int(k): v for k, v in cached["grad_images_per_s"].items()},
+        engine_s=time.perf_counter() - t0 - measure_s,
+        measure_s=measure_s,
     )

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +198,17 @@ def preprocess(images: list[Image.Image], pre: Preprocessing) -> tuple[torch.Ten
 
 
 class ModelCache:
-    """Loaded models of one worker process, keyed by (id, version); loads each once."""
+    """Loaded models of one worker process, keyed by (id, version); loads each once.
+
+    One cache per worker, shared by the jobs and the predict batcher (one copy of each model
+    per process). Loading a model warms it (:meth:`_load`): weights, forward engine and
+    batch sizes (``workers.engine``, cached on disk), then one forward and one
+    forward+backward at the measured chunk sizes, so the first request pays none of it.
+    Models load one at a time per (id, version), in parallel across models: a predict for a
+    warm model never waits behind another model's warm-up. ``memory_mb`` (0 = no limit)
+    bounds the weights and engines kept: past it the least recently used model is dropped
+    (a job still running on it keeps its reference until it ends).
+    """
 
     def __init__(
         self,
@@ -207,6 +219,7 @@ class ModelCache:
         intra_op_threads: int = 0,
         spin_wait: bool = True,
         deeplift_cache_mb: int = 256,
+        memory_mb: int = 0,
     ) -> None:
         self.models_dir = models_dir
         self.registry = ModelRegistry(models_dir)
@@ -216,7 +229,10 @@ class ModelCache:
         self.intra_op_threads = intra_op_threads
         self.spin_wait = spin_wait  # ONNX Runtime threads spin between runs (workers.engine.ort_forward)
         self.deeplift_cache_mb = deeplift_cache_mb
-        self._models: dict[tuple[str, str], LoadedModel] = {}
+        self.memory_mb = memory_mb
+        self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()  # least recently used first
+        self._sizes: dict[tuple[str, str], float] = {}  # MiB of weights + engine
+        self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -231,9 +247,27 @@ class ModelCache:
             intra_op_threads=s.intra_op_threads,
             spin_wait=spin,
             deeplift_cache_mb=s.deeplift_cache_mb,
+            memory_mb=s.model_memory_mb,
+        )
+
+    def sibling(self) -> ModelCache:
+        """An empty cache with the same settings (a second copy of the models it loads)."""
+        return ModelCache(
+            self.models_dir,
+            self.cache_dir,
+            str(self.device),
+            self.onnx,
+            self.intra_op_threads,
+            self.spin_wait,
+            self.deeplift_cache_mb,
+            self.memory_mb,
         )
 
     def get(self, model_id: str, version: str | None = None) -> LoadedModel:
+        return self.get_timed(model_id, version)[0]
+
+    def get_timed(self, model_id: str, version: str | None = None) -> tuple[LoadedModel, float]:
+        """The model and the seconds this call waited for it to load and warm (0.0: it was warm)."""
         entry = self.registry.get(model_id)
         if version is not None and entry.version != version:
             raise BadParams(
@@ -241,16 +275,56 @@ class ModelCache:
                 details={"submitted": version, "current": entry.version},
             )
         key = (model_id, entry.version)
+        t0 = time.perf_counter()
         with self._lock:
-            if key not in self._models:
-                self._models = {k: v for k, v in self._models.items() if k[0] != model_id}
-                self._models[key] = self._load(entry)
-            return self._models[key]
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key], 0.0
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one load per key; a second caller waits for it
+            with self._lock:
+                model = self._models.get(key)
+            if model is None:
+                model = self._load(entry)
+                with self._lock:
+                    for old in [k for k in self._models if k[0] == model_id]:
+                        self._drop(old)
+                    self._models[key] = model
+                    self._sizes[key] = _model_mb(model)
+                    self._evict(keep=key)
+                    self._loading.pop(key, None)
+        return model, time.perf_counter() - t0
+
+    def loaded(self) -> dict[str, str]:
+        """Warm models: id -> version."""
+        with self._lock:
+            return {k[0]: k[1] for k in self._models}
+
+    def unload(self, model_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._models if k[0] == model_id]:
+                self._drop(key)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        self._models.pop(key, None)
+        self._sizes.pop(key, None)
+
+    def _evict(self, keep: tuple[str, str]) -> None:
+        """Drop least recently used models while the kept ones exceed ``memory_mb``."""
+        if not self.memory_mb:
+            return
+        while sum(self._sizes.values()) > self.memory_mb and len(self._models) > 1:
+            key = next(k for k in self._models if k != keep)
+            log.info("unloading %s (%s): model memory budget %d MiB", key[0], key[1][:12], self.memory_mb)
+            self._drop(key)
 
     def _load(self, entry: ModelEntry) -> LoadedModel:
-        from workers.engine import build_engine
+        """Load and warm one model; logs what each step took."""
+        from workers.engine import build_engine, eager_grad_pass, input_shape, probe_batch
 
+        t0 = time.perf_counter()
         module = build_module(entry).to(self.device)
+        t_module = time.perf_counter() - t0
         engine = build_engine(
             module,
             entry,
@@ -260,7 +334,33 @@ class ModelCache:
             intra_op_threads=self.intra_op_threads,
             spin_wait=self.spin_wait,
         )
-        log.info("loaded %s (%s) on %s with %s", entry.manifest.id, entry.version[:12], self.device, engine.name)
+        # Forwards at the sizes predicts use (one image, a full chunk) and one forward+backward:
+        # the first pass of a shape plans its memory and builds kernels (ONNX Runtime,
+        # oneDNN, cuDNN), and the first request must not pay for it. The backward pass runs
+        # on one image: what it warms (autograd, the backward kernels) does not depend on the
+        # batch, and a full gradient chunk would cost seconds of start-up on 2 cores.
+        shape = input_shape(entry)
+        t1 = time.perf_counter()
+        for n in sorted({1, engine.batch_size}):
+            engine.forward(probe_batch(shape, n, self.device))
+        t_forward = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        eager_grad_pass(module)(probe_batch(shape, 1, self.device))
+        t_backward = time.perf_counter() - t1
+        log.info(
+            "warmed %s (%s) on %s with %s in %.1f s: module %.1f s, engine %.1f s, batch sizes %.1f s, "
+            "forward %.2f s, forward+backward %.2f s",
+            entry.manifest.id,
+            entry.version[:12],
+            self.device,
+            engine.name,
+            time.perf_counter() - t0,
+            t_module,
+            engine.engine_s,
+            engine.measure_s,
+            t_forward,
+            t_backward,
+        )
         return LoadedModel(
             manifest=entry.manifest,
             version=entry.version,
@@ -272,3 +372,11 @@ class ModelCache:
             engine_name=engine.name,
             deeplift_cache_mb=self.deeplift_cache_mb,
         )
+
+
+def _model_mb(model: LoadedModel) -> float:
+    """MiB a loaded model holds: its weights and buffers, and as much again for an ONNX
+    Runtime engine (which keeps its own copy of the initializers)."""
+    weights = sum(t.numel() * t.element_size() for t in (*model.module.parameters(), *model.module.buffers()))
+    copies = 2 if model.engine_name.startswith("onnxruntime") else 1
+    return copies * weights / 2**20

@@ -215,6 +215,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         params, pngs, context = through_outage(lambda: _prepare(conn, p, job.id), outage_s, f"job {job.id} inputs")
         progress = RedisProgress(job)
         with MEMORY.applied(int(job.meta.get("memory_mb") or 0)):
+            _note_cold_start(job, model_cache().get_timed(p.model_id, p.model_version)[1])
             if hasattr(kind_module(p.kind), "run_chunk"):
                 result = _run_chunked(job, p, params, pngs, context, progress)
             else:
@@ -233,6 +234,13 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         "summary": result.summary,
         "artifacts": [{"name": a.name, "media_type": a.media_type, "size": len(a.data)} for a in result.artifacts],
     }
+
+
+def _note_cold_start(job: Job, seconds: float) -> None:
+    """``meta.cold_start_s``: the job waited this long for its model to load and warm."""
+    if seconds > 0.05:
+        job.meta["cold_start_s"] = round(seconds, 3)
+        job.save_meta()
 
 
 def predict_images(model_id: str, pngs: list[bytes], top_k: int) -> PredictResponse:

@@ -35,11 +35,13 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
 from schemas import keys
+from workers.allocator import release_free_memory
 from workers.budget import MEMORY, rss_mb
 from workers.outage import FIRST_WAIT_S, REDIS_DOWN, through_outage
 
 if TYPE_CHECKING:
     from workers.batching import PredictBatcher
+    from workers.warmup import Warmer
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class InspectorWorker(SimpleWorker):
         self._beating = threading.Event()
         self._current: tuple[Job, Queue] | None = None
         self._thread = threading.Thread(target=self._beat, name="inspector-heartbeat", daemon=True)
+        self.warmer: Warmer | None = None  # publishes what this worker has warm (workers.warmup)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.lost_after_s
@@ -111,6 +114,9 @@ class InspectorWorker(SimpleWorker):
             super().execute_job(job, queue)
         finally:
             self._current = None
+        # The job's activations go back to the OS: the allocator settings keep freed blocks
+        # for the next batch (workers.allocator), which an idle worker does not need.
+        release_free_memory()
         if self.max_rss_mb and (rss := rss_mb()) > self.max_rss_mb:
             log.warning("worker %s: %.0f MiB resident > %d MiB after job %s: recycling", self.name, rss,
                         self.max_rss_mb, job.id)  # fmt: skip
@@ -163,6 +169,8 @@ class InspectorWorker(SimpleWorker):
             scheduler.acquire_locks(auto_start=True)  # no-op while another worker's holds the locks
 
     def teardown(self) -> None:
+        if self.warmer is not None:
+            self.warmer.stop()
         if self.batcher is not None:
             self.batcher.stop()
         self._beating.set()

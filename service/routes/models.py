@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from redis.exceptions import RedisError
 
 from schemas.errors import BadParams
 from schemas.jobs import PredictResponse
 from schemas.models import ModelInfo, ModelList
 from service import jobs
 from service.auth import TenantDep
-from service.deps import AsyncRedisDep, RegistryDep, SettingsDep
+from service.deps import AsyncRedisDep, RedisDep, RegistryDep, SettingsDep
 from service.openapi import ERRORS, SUBMISSION_BODY
 from service.ratelimit import RateLimitDep
 from service.uploads import read_submission
+from service.warm import fleet
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -23,8 +25,16 @@ def list_models(registry: RegistryDep) -> ModelList:
 
 
 @router.get("/{model_id}", response_model=ModelInfo, responses=ERRORS)
-def get_model(model_id: str, registry: RegistryDep) -> ModelInfo:
-    return registry.get(model_id).info()
+def get_model(model_id: str, registry: RegistryDep, conn: RedisDep) -> ModelInfo:
+    """The model, and whether a live worker has its current version warm (``warm`` is null
+    when Redis cannot be asked)."""
+    entry = registry.get(model_id)
+    info = entry.info()
+    try:
+        workers = fleet(conn).warm_workers(model_id, entry.version)
+    except RedisError:
+        return info
+    return info.model_copy(update={"warm": bool(workers), "warm_workers": workers})
 
 
 @router.post(

@@ -25,6 +25,7 @@ from workers.engine import (
     build_engine,
     check_against_eager,
     eager_forward,
+    library_key,
     pick_batch_size,
     probe_batch,
 )
@@ -81,7 +82,7 @@ def test_cache_reused_and_batch_sizes_cached(models_dir: Path, tmp_path: Path, e
     entry = read_entry(models_dir / "digits-cnn")
     module = build_module(entry)
     first = build_engine(module, entry, tmp_path, CPU, budget_s=BUDGET_S)
-    onnx_file = tmp_path / "onnx" / f"digits-cnn-{entry.version}.onnx"
+    onnx_file = tmp_path / "onnx" / f"digits-cnn-{entry.version}-{library_key()}.onnx"
     meta_file = onnx_file.with_suffix(".json")
     assert export_calls == ["torchscript"] and onnx_file.is_file() and meta_file.is_file()
     assert first.batch_size in CPU_CANDIDATES and first.grad_batch_size in CPU_GRAD_CANDIDATES
@@ -174,7 +175,7 @@ def test_second_exporter_when_the_tracer_fails(tmp_path: Path, export_calls: lis
     engine = build_engine(module, entry, tmp_path, CPU, budget_s=BUDGET_S)
     assert export_calls == ["torchscript", "dynamo"]
     assert engine.name == "onnxruntime", engine.reason
-    meta = json.loads((tmp_path / "onnx" / f"antialias-{entry.version}.json").read_text())
+    meta = json.loads((tmp_path / "onnx" / f"antialias-{entry.version}-{library_key()}.json").read_text())
     assert meta["exporter"] == "dynamo"
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
@@ -252,6 +253,6 @@ def test_unreadable_cached_file_falls_back_to_eager(models_dir: Path, tmp_path: 
     module = build_module(entry)
     onnx_dir = tmp_path / "onnx"
     onnx_dir.mkdir()
-    (onnx_dir / f"digits-cnn-{entry.version}.onnx").write_bytes(b"not an onnx model")
+    (onnx_dir / f"digits-cnn-{entry.version}-{library_key()}.onnx").write_bytes(b"not an onnx model")
     engine = build_engine(module, entry, tmp_path, CPU, budget_s=BUDGET_S)
     assert engine.name == "eager" and engine.reason.startswith("loading digits-cnn-")
