@@ -353,8 +353,8 @@ class CompareParams(JobParams):
     @model_validator(mode="after")
     def _no_per_method_settings(self) -> CompareParams:
         for m in self.methods:
-            if m.target is not None or m.batch_size is not None:
-                raise ValueError(f"{m.method}: set target and batch_size on the compare job, not per method")
+            if m.target is not None or m.batch_size is not None or m.resize is not None:
+                raise ValueError(f"{m.method}: set target, batch_size and resize on the compare job, not per method")
             if m.sensitivity_max is not None or m.infidelity is not None:
                 raise ValueError(f"{m.method}: set sensitivity_max and infidelity on the compare job")
         return self

@@ -46,10 +46,16 @@ def predict_queue_key(model_id: str) -> str:
 
 
 def reap_lock_key(queue: str) -> str:
-    """Held while one process reaps a queue's abandoned jobs: RQ's cleanup is not atomic, and
-    two at once would both rerun a job. It is RQ's own maintenance lock of the queue
-    (``Queue.registry_cleaning_key``), so RQ's periodic cleanup takes turns with ours."""
-    return f"rq:clean_registries:{queue}"
+    """Held (for seconds) while one process reaps a queue's abandoned jobs: RQ's cleanup is not
+    atomic, and two at once would both rerun a job. Our own key, not RQ's maintenance lock
+    (``rq:clean_registries:<queue>``, taken for 899 s: a worker killed while holding it would
+    stop every reaper for 15 minutes); RQ's periodic maintenance takes this one too
+    (``workers.worker.InspectorWorker.clean_registries``)."""
+    return f"{PREFIX}:reap-lock:{queue}"
+
+
+REAP_LOCK_S = 10
+"""Longest a reap lock is held: what a process killed while reaping delays the next reap by."""
 
 
 def callbacks_key(job_id: str) -> str:

@@ -10,6 +10,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+Resize = Literal["stretch", "shorter_side_center_crop"]
+"""How an upload becomes ``size``: ``stretch`` resizes the whole image to it (every pixel is in
+the input, the shape is distorted when the aspect ratios differ); ``shorter_side_center_crop``
+keeps the aspect ratio: it takes the centred region of the input's aspect ratio whose shorter
+side is ``crop_fraction`` of the upload's shorter side, and resizes that region to ``size``
+(maps then cover that region only; each result says which)."""
+
 
 class Preprocessing(BaseModel):
     """How an RGB image becomes the model's input tensor ``(C, H, W)``.
@@ -21,7 +28,15 @@ class Preprocessing(BaseModel):
 
     size: tuple[int, int] = Field(description="(height, width) in pixels")
     mode: Literal["RGB", "L"] = "RGB"
-    resize: Literal["stretch", "shorter_side_center_crop"] = "stretch"
+    resize: Resize = "stretch"
+    crop_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="shorter_side_center_crop: the crop's shorter side as a fraction of the upload's "
+        "(ImageNet evaluation: 0.875 = 224/256)",
+    )
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     scale: float = 1 / 255
     mean: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0])
     std: list[float] = Field(default_factory=lambda: [1.0, 1.0, 1.0])

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.models import Resize
+
 Aggregation = Literal["sum", "abs_sum", "positive", "max_abs"]
 """How a ``(C, H, W)`` attribution becomes a 2-D map: sum over channels, sum of absolute
 values, sum of the positive part, or max of absolute values (Simonyan et al.'s saliency)."""
@@ -26,6 +28,13 @@ class JobParams(BaseModel):
     )
     batch_size: int | None = Field(
         None, ge=1, le=4096, description="model evaluations per chunk; null = measured per device and model"
+    )
+    resize: Resize | None = Field(
+        None,
+        description="how the uploaded images become the model's input: null = the model's own preprocessing; "
+        "'stretch' = the whole image, resized to the input size (a map of the full image, its shape distorted "
+        "when the aspect ratios differ); 'shorter_side_center_crop' = the centred crop. The result's "
+        "input_regions say which region of each upload the maps cover",
     )
 
 

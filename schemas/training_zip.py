@@ -14,16 +14,23 @@ Refused, before anything is queued (and again by the worker, with this code): no
 an encrypted member or one compressed other than stored/deflate/bzip2/lzma, absolute paths,
 drive letters, backslashes or ``..`` in a member name, a name twice (422); more images than
 ``max_training_set_images`` or more members than twice that plus :data:`SPARE_MEMBERS`, a
-declared uncompressed size over ``max_training_set_uncompressed_bytes`` (413: zip bombs; the
-worker reads at most the declared sizes, which ``zipfile`` enforces); no class folders, no
-images, class folders that match the labels neither by name nor by count (422).
+declared uncompressed size over ``max_training_set_uncompressed_bytes`` (413: zip bombs); no
+class folders, no images, class folders that match the labels neither by name nor by count
+(422). The worker reads each member with :func:`read_member`: inflated 64 KiB at a time and
+stopped as soon as it passes its declared size, so a member that declares 100 bytes and
+inflates to 512 MiB is refused (422) having cost 64 KiB, not the 512 MiB (``zipfile``'s own
+``read`` inflates a whole deflate stream before it cuts it to the declared size).
 """
 
 from __future__ import annotations
 
+import bz2
 import io
+import lzma
 import posixpath
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 from schemas.errors import BadParams, PayloadTooLarge
@@ -34,6 +41,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 SPARE_MEMBERS = 1024
 """Members allowed besides images (directory entries, stray files) on top of the image limit."""
+CHUNK = 1 << 16
+"""Bytes a member is inflated by at a time (:func:`read_member`)."""
 
 
 def class_to_index(classes: list[str], labels: list[str]) -> dict[str, int] | None:
@@ -174,3 +183,73 @@ def _member_names(infos: list[zipfile.ZipInfo], wanted: set[str]) -> dict[str, s
                 raise BadParams(f"training_set zip has member {key!r} twice", details={"member": key})
             out[key] = info.filename
     return out
+
+
+def _member_data(archive: bytes, info: zipfile.ZipInfo) -> memoryview:
+    """The compressed bytes of ``info`` in ``archive`` (after its local file header)."""
+    at = info.header_offset
+    header = archive[at : at + zipfile.sizeFileHeader]
+    if len(header) != zipfile.sizeFileHeader or header[:4] != zipfile.stringFileHeader:
+        raise BadParams(
+            f"training_set zip member {info.filename!r} has no local header", details={"member": info.filename}
+        )
+    fields = struct.unpack(zipfile.structFileHeader, header)
+    start = at + zipfile.sizeFileHeader + fields[zipfile._FH_FILENAME_LENGTH] + fields[zipfile._FH_EXTRA_FIELD_LENGTH]
+    return memoryview(archive)[start : start + info.compress_size]
+
+
+def _decompressor(info: zipfile.ZipInfo, raw: memoryview) -> tuple[object, memoryview]:
+    """A decompressor taking ``max_length`` for the member, and its compressed stream."""
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        return zlib.decompressobj(-15), raw
+    if info.compress_type == zipfile.ZIP_BZIP2:
+        return bz2.BZ2Decompressor(), raw
+    # ZIP_LZMA: a 4-byte header (version, size of the properties), the LZMA1 properties, then
+    # a raw stream (APPNOTE 5.8.8; as zipfile.LZMADecompressor reads it).
+    (size,) = struct.unpack("<H", raw[2:4])
+    filters = [lzma._decode_filter_properties(lzma.FILTER_LZMA1, bytes(raw[4 : 4 + size]))]  # type: ignore[attr-defined]
+    return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters), raw[4 + size :]
+
+
+def read_member(archive: bytes, info: zipfile.ZipInfo) -> bytes:
+    """The bytes of member ``info`` of the zip ``archive`` (its ``ZipInfo`` from the central
+    directory), streamed: at most :data:`CHUNK` bytes are inflated at a time, and reading stops
+    as soon as the output passes the declared ``file_size`` (422): memory stays within the
+    declared size plus one chunk, whatever the member inflates to. A CRC or length that does
+    not match is a 422 too."""
+    name = info.filename
+    try:
+        raw = _member_data(archive, info)
+        if info.compress_type == zipfile.ZIP_STORED:
+            out = bytearray(raw[: info.file_size + 1])
+        else:
+            decomp, raw = _decompressor(info, raw)
+            out = bytearray()
+            for i in range(0, len(raw), CHUNK):
+                data: bytes | memoryview = raw[i : i + CHUNK]
+                while True:
+                    out += decomp.decompress(data, CHUNK)  # type: ignore[attr-defined]
+                    if len(out) > info.file_size:
+                        raise BadParams(
+                            f"training_set zip member {name!r} inflates past its declared size of "
+                            f"{info.file_size} bytes (a zip bomb?)",
+                            details={"member": name, "declared_bytes": info.file_size},
+                        )
+                    if getattr(decomp, "eof", False):
+                        break
+                    data = getattr(decomp, "unconsumed_tail", b"")  # zlib keeps what it did not inflate
+                    if not data and getattr(decomp, "needs_input", True):
+                        break
+                if getattr(decomp, "eof", False):
+                    break
+            if hasattr(decomp, "flush"):  # zlib: what it holds back of a stream cut short
+                out += decomp.flush(CHUNK)
+    except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError, struct.error) as e:
+        raise BadParams(f"training_set zip member {name!r} is corrupt: {e}", details={"member": name}) from None
+    if len(out) != info.file_size or zlib.crc32(out) != info.CRC:
+        raise BadParams(
+            f"training_set zip member {name!r} is corrupt: {len(out)} bytes where it declares {info.file_size}, "
+            "or a CRC that does not match",
+            details={"member": name},
+        )
+    return bytes(out)

@@ -79,8 +79,8 @@ def paper_methods() -> list[Any]:
 
 def _check_method_fields(methods: list[Any]) -> None:
     for m in methods:
-        if m.target is not None or m.batch_size is not None:
-            raise ValueError(f"{m.method}: set target and batch_size on the job, not on the method")
+        if m.target is not None or m.batch_size is not None or m.resize is not None:
+            raise ValueError(f"{m.method}: set target, batch_size and resize on the job, not on the method")
 
 
 class NoiseParams(BaseModel):

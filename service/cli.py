@@ -100,6 +100,9 @@ def _workers(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:  # the rest is the worker's own command line (python -m workers worker)
+        _workers(argv)
     settings = get_settings()
     default_url = f"http://{settings.api_host}:{settings.api_port}"
     parser = argparse.ArgumentParser(

@@ -54,6 +54,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _signature_of_upload_format(data: bytes) -> bool:
+    """Whether ``data`` starts like a file of one of the upload formats (Pillow's own check
+    of each format's magic bytes, without parsing anything after them)."""
+    Image.init()
+    return any(accept is not None and accept(data[:16]) for fmt in UPLOAD_FORMATS for _, accept in [Image.OPEN[fmt]])
+
+
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}", details={"limit": max_bytes})
@@ -62,6 +69,8 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
     try:
         img = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except UnidentifiedImageError:
+        if _signature_of_upload_format(data):  # a PNG whose header chunk fails its CRC, say
+            raise BadImage("corrupt image: its signature is that of a supported format, its header is broken") from None
         raise UnsupportedMedia(
             "not an image, or a format that is not supported", details={"supported": list(UPLOAD_FORMATS)}
         ) from None

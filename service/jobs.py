@@ -36,6 +36,7 @@ from schemas.errors import BadParams, ErrorBody, IdempotencyKeyReused, Inspector
 from schemas.jobs import ArtifactLink, JobPayload, JobStatus, JobView, PredictResponse, Progress
 from schemas.kinds import KINDS, KindSpec, budgets
 from schemas.manifests import ModelEntry
+from schemas.npy_upload import attribution_map
 from schemas.settings import Settings
 from schemas.training_zip import UPLOAD_NAME, check_training_zip
 from service.auth import ANONYMOUS
@@ -80,14 +81,22 @@ def check_request(spec: KindSpec, entry: ModelEntry, params: BaseModel, n_images
         check(params, entry.manifest)
 
 
-def check_uploads(spec: KindSpec, entry: ModelEntry, files: dict[str, bytes], settings: Settings) -> None:
-    """Extra uploads whose structure can be checked without torch: a ``training_set`` zip
-    (``schemas.training_zip``: the worker runs the same check again)."""
+def check_uploads(
+    spec: KindSpec, entry: ModelEntry, files: dict[str, bytes], settings: Settings, n_images: int
+) -> None:
+    """Extra uploads whose structure can be checked without torch, with the code the worker
+    runs again: a ``training_set`` zip (``schemas.training_zip``), an ``attribution`` map
+    (``schemas.npy_upload``: header, dtype, shape against the model's input and ``n_images``,
+    byte count, finiteness)."""
     data = files.get(UPLOAD_NAME) if UPLOAD_NAME in spec.files else None
     if data is not None:
         check_training_zip(
             data, entry.manifest.labels, settings.max_training_set_images, settings.max_training_set_uncompressed_bytes
         )
+    attribution = files.get("attribution") if "attribution" in spec.files else None
+    if attribution is not None:
+        pre = entry.manifest.preprocessing
+        attribution_map(attribution, n_images, 1 if pre.mode == "L" else 3, pre.size)
 
 
 def _sha(data: bytes) -> str:
@@ -123,6 +132,16 @@ def job_id_for(
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def store_input(pipe: Any, input_id: str, data: bytes, ttl: int) -> None:
+    """Queue on ``pipe`` (sync or async) the commands that store one upload for ``ttl``
+    seconds. An input is shared by every request of its tenant with the same bytes (a queued
+    job, a predict): it keeps the longest TTL any of them asked for (``SET NX`` leaves a
+    stored one alone, ``EXPIRE GT`` only ever lengthens), so a predict's 90 s cannot cut a
+    queued job's day."""
+    pipe.set(keys.input_key(input_id), data, ex=ttl, nx=True)
+    pipe.expire(keys.input_key(input_id), ttl, gt=True)
+
+
 def store_inputs(
     conn: Redis,
     images: list[DecodedImage],
@@ -135,9 +154,9 @@ def store_inputs(
     file_ids = {name: scoped_id(tenant, _sha(data)) for name, data in (files or {}).items()}
     with conn.pipeline() as pipe:
         for img, i in zip(images, image_ids, strict=True):
-            pipe.set(keys.input_key(i), img.data, ex=ttl)
+            store_input(pipe, i, img.data, ttl)
         for name, data in (files or {}).items():
-            pipe.set(keys.input_key(file_ids[name]), data, ex=ttl)
+            store_input(pipe, file_ids[name], data, ttl)
         pipe.execute()
     return image_ids, file_ids
 
@@ -324,7 +343,7 @@ def reap_abandoned(conn: Redis, queue_name: str) -> None:
     expired = registry.get_expired_job_ids()
     if not expired:
         return
-    lock = conn.lock(keys.reap_lock_key(queue_name), timeout=30)
+    lock = conn.lock(keys.reap_lock_key(queue_name), timeout=keys.REAP_LOCK_S)
     if not lock.acquire(blocking=False):
         return  # a worker is reaping it right now
     try:
@@ -428,7 +447,7 @@ async def predict(
     queue_key = keys.predict_queue_key(entry.manifest.id)
     async with conn.pipeline(transaction=False) as pipe:
         for img, i in zip(images, ids, strict=True):
-            pipe.set(keys.input_key(i), img.data, ex=ttl)
+            store_input(pipe, i, img.data, ttl)
         pipe.rpush(queue_key, item)
         pipe.expire(queue_key, ttl)
         await pipe.execute()

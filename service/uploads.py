@@ -10,10 +10,12 @@ body is capped before it is read (``Content-Length``) and while it arrives
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import ipaddress
 import json
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +34,9 @@ from service.images import DecodedImage, decode_image
 IMAGE_FIELDS = ("image", "images")
 TEXT_FIELDS = ("model_id", "params", "top_k", "callback_url")
 MAX_URL_LENGTH = 2048
+MAX_PARAMS_DEPTH = 16
+"""Deepest nesting of ``params`` (the deepest schema, ``u_sweep``'s methods, needs 4)."""
+MAX_NUMBER_CHARS = 64
 
 
 @dataclass
@@ -93,6 +98,21 @@ class BodySizeLimit:
             await error_response(self._error())(scope, receive, send)
 
 
+def literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` stands for when it is an IP literal, None for a host name. Also
+    the IPv4 forms that ``inet_aton`` and so every resolver accept besides dotted quads
+    (``127.1``, ``2130706433``, ``0x7f000001``, ``0177.0.0.1``): a URL naming one of those
+    reaches that address."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):
+        return None
+
+
 def check_callback_url(url: str, settings: Settings) -> None:
     """A job's ``callback_url``: absolute http(s), no credentials, and (unless
     ``webhook_allow_private``) not a loopback or private address. The worker checks the
@@ -111,10 +131,11 @@ def check_callback_url(url: str, settings: Settings) -> None:
     if parts.username or parts.password:
         raise BadParams("callback_url must not contain credentials")
     if not settings.webhook_allow_private:
-        try:
-            private = not ipaddress.ip_address(parts.hostname).is_global
-        except ValueError:  # a host name: resolved and checked at delivery
+        address = literal_address(parts.hostname)
+        if address is None:  # a host name: resolved and checked at delivery
             private = parts.hostname.lower() == "localhost" or parts.hostname.lower().endswith(".localhost")
+        else:
+            private = not address.is_global
         if private:
             raise BadParams("callback_url points to a loopback or private address")
 
@@ -130,18 +151,67 @@ def _decode_all(raw: list[bytes], settings: Settings, allow_none: bool) -> list[
     return [decode_image(b, settings.max_upload_bytes, settings.max_image_pixels) for b in raw]
 
 
+def _number(text: str) -> str:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise BadParams(f"params holds a number of {len(text)} characters; the limit is {MAX_NUMBER_CHARS}")
+    return text
+
+
+def check_bounds(value: Any) -> Any:
+    """``value`` (parsed params) when no container in it is nested deeper than
+    ``MAX_PARAMS_DEPTH`` and no integer is beyond ±2**63; else ``BadParams``. Iterative:
+    the depth itself cannot exhaust the stack."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_PARAMS_DEPTH:
+                raise BadParams(f"params are nested deeper than {MAX_PARAMS_DEPTH} levels")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+        elif isinstance(item, int) and not -(2**63) <= item < 2**63:
+            raise BadParams("params holds an integer beyond the 64-bit range")
+    return value
+
+
+async def _decoded(raw: list[bytes], settings: Settings, allow_none: bool) -> list[DecodedImage]:
+    """``_decode_all`` in a worker thread: decoding 8 images of 40 MP takes seconds, during
+    which the event loop must go on answering (``/healthz``, other requests). Pillow's
+    decoders and encoders release the GIL."""
+    return await asyncio.to_thread(_decode_all, raw, settings, allow_none)
+
+
+def _parse_json_body(body: bytes) -> tuple[Base64Images, list[bytes], dict[str, bytes]]:
+    """The JSON form: validated fields, decoded images and extra files (run in a thread: a
+    body of several megabytes of base64 takes a while)."""
+    try:
+        data = Base64Images.model_validate_json(body)
+    except ValidationError as e:
+        # Without the inputs: they may be huge, or bytes that are not UTF-8.
+        details = json.loads(e.json(include_url=False, include_input=False))
+        raise BadParams("invalid JSON body", details=details) from None
+    encoded = ([data.image_base64] if data.image_base64 else []) + (data.images_base64 or [])
+    try:
+        raw = [base64.b64decode(s, validate=True) for s in encoded]
+        extra = {k: base64.b64decode(v, validate=True) for k, v in data.files_base64.items()}
+    except (binascii.Error, ValueError):
+        raise BadImage("image_base64 / files_base64 is not valid base64") from None
+    return data, raw, extra
+
+
 def _params(text: Any) -> dict[str, Any]:
+    """The ``params`` JSON object, its depth and numbers bounded before any validation (a deep
+    or huge document must be a 422, not a RecursionError or a 4,300-digit ValueError)."""
     if text in (None, ""):
         return {}
     if isinstance(text, dict):
-        return text
+        return check_bounds(text)
     try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, TypeError):
+        value = json.loads(text, parse_int=lambda t: int(_number(t)), parse_float=lambda t: float(_number(t)))
+    except (json.JSONDecodeError, TypeError, RecursionError):
         raise BadParams("params must be a JSON object") from None
     if not isinstance(value, dict):
         raise BadParams("params must be a JSON object")
-    return value
+    return check_bounds(value)
 
 
 def _top_k(value: Any) -> int | None:
@@ -195,10 +265,11 @@ async def read_submission(
                 raise BadParams(f"unknown field {name!r}", details={"accepted": [*IMAGE_FIELDS, *TEXT_FIELDS]})
         model_id = form.get("model_id")
         callback_url = form.get("callback_url")
+        params = _params(form.get("params"))
         return Submission(
             model_id=model_id if isinstance(model_id, str) else None,
-            images=_decode_all(raw, settings, allow_no_image),
-            params=_params(form.get("params")),
+            images=await _decoded(raw, settings, allow_no_image),
+            params=params,
             top_k=_top_k(form.get("top_k")),
             files=_check_files(extra, files, settings),
             callback_url=callback_url if isinstance(callback_url, str) and callback_url else None,
@@ -207,21 +278,10 @@ async def read_submission(
         body = await request.body()
         if len(body) > body_limit(settings):
             raise PayloadTooLarge("request body is over the limit")
-        try:
-            data = Base64Images.model_validate_json(body)
-        except ValidationError as e:
-            # Without the inputs: they may be huge, or bytes that are not UTF-8.
-            details = json.loads(e.json(include_url=False, include_input=False))
-            raise BadParams("invalid JSON body", details=details) from None
-        encoded = ([data.image_base64] if data.image_base64 else []) + (data.images_base64 or [])
-        try:
-            raw = [base64.b64decode(s, validate=True) for s in encoded]
-            extra = {k: base64.b64decode(v, validate=True) for k, v in data.files_base64.items()}
-        except (binascii.Error, ValueError):
-            raise BadImage("image_base64 / files_base64 is not valid base64") from None
+        data, raw, extra = await asyncio.to_thread(_parse_json_body, body)
         return Submission(
             data.model_id,
-            _decode_all(raw, settings, allow_no_image),
+            await _decoded(raw, settings, allow_no_image),
             data.params,
             _top_k(data.top_k),
             _check_files(extra, files, settings),

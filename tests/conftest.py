@@ -160,8 +160,8 @@ def settings(redis_server: RedisServer, models_dir: Path):
 
 def settings_env(settings) -> dict[str, str]:
     env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        env[f"INSPECTOR_{name.upper()}"] = str(value)
+    for name, value in settings.model_dump(mode="json").items():
+        env[f"INSPECTOR_{name.upper()}"] = json.dumps(value) if isinstance(value, dict | list) else str(value)
     return env
 
 

@@ -23,9 +23,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from rq.timeouts import JobTimeoutException
+
 from schemas.errors import MemoryBudgetExceeded
 
 log = logging.getLogger(__name__)
+
+
+JOB_STOPS: tuple[type[BaseException], ...] = (JobTimeoutException, MemoryBudgetExceeded)
+"""What a running job's budgets raise into it (RQ's death penalty for time, :class:`MemoryWatch`
+for memory). Code with a broad ``except Exception`` on a job's path (the engine's exporter
+fallbacks) re-raises these first: a swallowed budget lets the job run on past it."""
 
 
 def rss_mb() -> float:

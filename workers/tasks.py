@@ -32,7 +32,7 @@ from workers.budget import MEMORY
 from workers.explain.base import Artifact, Inputs, JobCanceled, KindResult, LoadedModel
 from workers.fanout import ChunkBoard, work_through
 from workers.outage import REDIS_DOWN, through_outage
-from workers.pipeline import JobContext, decode, execute, forward_in_chunks, kind_module, load_inputs
+from workers.pipeline import JobContext, decode, execute, forward_in_chunks, kind_module, load_inputs, with_regions
 from workers.registry import ModelCache, preprocess
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def _run_chunked(
     report()
     work_through(board, _chunk_runner(module, model, inputs, params, chunks, context, report), report)
     progress(len(chunks), len(chunks), "aggregating")
-    return module.aggregate(model, inputs, params, board.results(), context)
+    return with_regions(module.aggregate(model, inputs, params, board.results(), context), inputs)
 
 
 def help_job(payload: dict[str, Any]) -> dict[str, Any]:

@@ -23,21 +23,25 @@ lost first: it is then rerun).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
 from redis import Redis
+from redis.exceptions import LockError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
+from rq.utils import now
 
 from schemas import keys
 from workers.allocator import release_free_memory
 from workers.budget import MEMORY, rss_mb
 from workers.outage import FIRST_WAIT_S, REDIS_DOWN, through_outage
+from workers.scheduling import enqueue_orphaned
 
 if TYPE_CHECKING:
     from workers.batching import PredictBatcher
@@ -50,7 +54,7 @@ def reap_abandoned(conn: Redis, queue_names: tuple[str, ...] = keys.QUEUES) -> N
     """Fail (or rerun) started jobs whose worker stopped heartbeating (RQ's own registry
     cleanup). It runs their failure callbacks in this thread, so no SIGALRM timeouts."""
     for name in queue_names:
-        lock = conn.lock(keys.reap_lock_key(name), timeout=30)
+        lock = conn.lock(keys.reap_lock_key(name), timeout=keys.REAP_LOCK_S)
         if not lock.acquire(blocking=False):
             continue  # another process is reaping this queue
         try:
@@ -147,6 +151,7 @@ class InspectorWorker(SimpleWorker):
                 MEMORY.check()  # the running job's memory budget (workers.budget)
                 reap_abandoned(self.connection)
                 self._revive_scheduler()
+                enqueue_orphaned(self.connection, self.queue_names(), self.scheduler and self.scheduler.name)
             except REDIS_DOWN as e:  # beat again soon: a running job's entry must not expire
                 log.warning("heartbeat failed: %s", e)
                 wait = min(FIRST_WAIT_S, self.heartbeat_s)
@@ -158,7 +163,8 @@ class InspectorWorker(SimpleWorker):
         it again only between jobs, every 10 minutes; delayed retries and webhook
         redeliveries would wait that long. Restart it at the next beat instead (it re-takes
         its own locks at once), and take over from a dead worker's scheduler as soon as its
-        locks expire (61 s)."""
+        locks expire (61 s); until then ``workers.scheduling.enqueue_orphaned`` moves the
+        dead scheduler's due jobs."""
         scheduler = self.scheduler
         if scheduler is None or self._stop_requested or self._beating.is_set():
             return
@@ -167,6 +173,21 @@ class InspectorWorker(SimpleWorker):
                 log.warning("worker %s: the RQ scheduler stopped; starting it again", self.name)
                 scheduler._process.join(0)
             scheduler.acquire_locks(auto_start=True)  # no-op while another worker's holds the locks
+
+    def clean_registries(self) -> None:
+        """RQ's periodic maintenance (every registry of each queue) under our reap locks too:
+        its started-job cleanup is the reaper's, and the two must not rerun a job twice."""
+        locks = [self.connection.lock(keys.reap_lock_key(q.name), timeout=keys.REAP_LOCK_S) for q in self.queues]
+        held = [lock for lock in locks if lock.acquire(blocking=False)]
+        try:
+            if len(held) == len(locks):
+                super().clean_registries()
+            else:
+                self.last_cleaned_at = now()  # a reaper is at it: next time
+        finally:
+            for lock in held:
+                with contextlib.suppress(LockError):  # held past REAP_LOCK_S: expired, nothing to free
+                    lock.release()
 
     def teardown(self) -> None:
         if self.warmer is not None:

@@ -69,6 +69,13 @@ def corrupt_png(chelsea) -> bytes:
     return bytes(data)
 
 
+def bad_header_crc(photo: bytes) -> bytes:
+    """A valid PNG whose IHDR chunk's CRC (bytes 29-32) is wrong."""
+    data = bytearray(photo)
+    data[29] ^= 0xFF
+    return bytes(data)
+
+
 @pytest.fixture(scope="module")
 def strict(settings):
     from service.main import create_app
@@ -115,9 +122,11 @@ def corpus(chelsea):
         ("truncated PNG", predict_with(photo[: len(photo) // 2]), 400, "bad_image"),
         ("truncated JPEG", predict_with(png(chelsea, "JPEG")[:600]), 400, "bad_image"),
         ("corrupt PNG stream", predict_with(corrupt_png(chelsea)), 400, "bad_image"),
-        # Pillow cannot even identify these two: "not an image we decode".
-        ("PNG signature only", predict_with(photo[:8]), 415, "unsupported_media_type"),
-        ("PNG of 0 x 0 pixels", predict_with(png_of_size(0, 0, zlib.compress(b""))), 415, "unsupported_media_type"),
+        # Pillow cannot identify these two, but they start with a PNG's signature: a PNG that is
+        # truncated or whose header is broken is a corrupt image (400), not another format.
+        ("PNG signature only", predict_with(photo[:8]), 400, "bad_image"),
+        ("PNG of 0 x 0 pixels", predict_with(png_of_size(0, 0, zlib.compress(b""))), 400, "bad_image"),
+        ("PNG header with a wrong CRC", predict_with(bad_header_crc(photo)), 400, "bad_image"),
         ("random bytes", predict_with(np.random.default_rng(1).bytes(5000)), 415, "unsupported_media_type"),
         ("text as an image", predict_with(b"hello, world", "text/plain"), 415, "unsupported_media_type"),
         ("SVG", predict_with(b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg+xml"), 415,

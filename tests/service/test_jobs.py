@@ -44,6 +44,9 @@ def test_saliency_on_efficientnet_has_input_shape(client, chelsea):
     assert 281 <= view["result"]["images"][0]["target"] <= 285  # default target: predicted class
     raw = np.load(io.BytesIO(client.get(f"/v1/jobs/{view['id']}/artifacts/0-attribution.npy").content))
     assert raw.shape == (3, 224, 224)
+    # The published preprocessing: the centred 262 x 262 square (0.875 of the 300 rows) of the 451 x 300 photo.
+    region = {"left": 95, "top": 19, "width": 262, "height": 262, "resize": "shorter_side_center_crop"}
+    assert view["result"]["input_regions"] == [region]
 
 
 def test_identical_submissions_are_deduplicated(client):

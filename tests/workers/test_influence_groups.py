@@ -90,6 +90,7 @@ def test_run_groups_on_digits(digits_inputs, tmp_path):
     vectors = np.load(io.BytesIO(art["image_layer_scores.npy"].data))
     means = np.load(io.BytesIO(art["group_layer_means.npy"].data))
     assert scores.shape == (12, 3, 1437) and vectors.shape == (12, 3) and means.shape == (4, 3)
+    assert {a.media_type for a in result.artifacts if a.name.endswith(".npy")} == {"application/x-npy"}
     labels = load_training_set(model.manifest, None).labels
     targets = inputs.targets.numpy()
     for i, img in enumerate(s["images"]):

@@ -101,12 +101,16 @@ class Inputs:
              size before normalisation (what overlays are drawn on).
     targets: ``(N,)`` long tensor, the class explained for each image.
     probs:   ``(N, K)`` softmax probabilities of the unperturbed images.
+    regions: per image, the region of the upload the input (so every map) covers:
+             ``{left, top, width, height}`` in upload pixels and the ``resize`` used
+             (``workers.registry.input_region``).
     """
 
     images: torch.Tensor
     display: list[np.ndarray]
     targets: torch.Tensor
     probs: torch.Tensor
+    regions: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

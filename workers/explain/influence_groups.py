@@ -142,7 +142,9 @@ def build_groups(
     images, display, targets = [inputs.images], list(inputs.display), [inputs.targets]
     for kind in dict.fromkeys(kinds):
         made = [disturb(inputs.display[i], kind, params) for i in originals]
-        x, disp = preprocess([Image.fromarray(m) for m in made], model.manifest.preprocessing)
+        # Made from the display images, already the input's size and region: no second crop.
+        at_size = model.manifest.preprocessing.model_copy(update={"resize": "stretch"})
+        x, disp = preprocess([Image.fromarray(m) for m in made], at_size)
         images.append(x.to(inputs.images.device, inputs.images.dtype))
         display.extend(disp)
         targets.append(inputs.targets[originals])
@@ -268,9 +270,9 @@ def run(
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
     }
     artifacts = [
-        Artifact("scores.npy", npy_bytes(all_rows.astype(np.float32)), "application/octet-stream"),
-        Artifact("image_layer_scores.npy", npy_bytes(vectors.astype(np.float32)), "application/octet-stream"),
-        Artifact("group_layer_means.npy", npy_bytes(means.astype(np.float32)), "application/octet-stream"),
+        Artifact("scores.npy", npy_bytes(all_rows.astype(np.float32)), "application/x-npy"),
+        Artifact("image_layer_scores.npy", npy_bytes(vectors.astype(np.float32)), "application/x-npy"),
+        Artifact("group_layer_means.npy", npy_bytes(means.astype(np.float32)), "application/x-npy"),
         Artifact("curves.png", curves_png(rows[:-1], groups, vectors, names, labels, tgt), "image/png"),
         Artifact("images.png", images_png(display, names, [f"{labels[int(p)]}" for p in pred]), "image/png"),
     ]

@@ -44,6 +44,7 @@ import torch
 
 from schemas.errors import BadParams
 from schemas.models import Preprocessing
+from schemas.npy_upload import REAL_KINDS, attribution_map, attribution_shape
 from schemas.params import Aggregation
 from schemas.u_analysis import MAX_REGIONS, NoiseParams, NoiseType, Order, UAnalysisParams
 from workers import render
@@ -433,31 +434,13 @@ def compute_attribution(
     return attribute(model, images, targets, method, progress)
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    """An uploaded ``.npy`` file (no pickles); BadParams when it is not one."""
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise BadParams(f"the attribution upload is not a readable .npy array: {e}") from None
-
-
 def uploaded_attribution(array: np.ndarray, n: int, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """A client's ``.npy`` map as ``(N, C', H, W)`` float32. Accepted shapes: ``(N, C', H, W)``,
-    ``(N, H, W)``, and for one image ``(C', H, W)`` or ``(H, W)``, with ``C'`` 1 or ``C``."""
+    """A client's map as ``(N, C', H, W)`` float32; the shapes ``schemas.npy_upload.attribution_shape``
+    accepts, real numbers, finite."""
     a = np.asarray(array)
-    if a.dtype.kind not in "fiub":
-        raise BadParams(f"the attribution map must be numeric, not {a.dtype}")
-    a = a.astype(np.float32)
-    if a.ndim == 2 and n == 1:
-        a = a[None, None]
-    elif a.ndim == 3:
-        a = a[None] if n == 1 else a[:, None]
-    if a.ndim != 4 or a.shape[0] != n or a.shape[1] not in (1, channels) or tuple(a.shape[2:]) != tuple(size):
-        raise BadParams(
-            f"attribution map of shape {list(np.shape(array))} does not fit {n} image(s) of "
-            f"{channels}x{size[0]}x{size[1]}: expected (N, C, H, W), (N, H, W), (C, H, W) or (H, W)",
-            details={"shape": list(np.shape(array)), "expected": [n, channels, *size]},
-        )
+    if a.dtype.kind not in REAL_KINDS:
+        raise BadParams(f"the attribution map must be real numbers, not {a.dtype}")
+    a = a.reshape(attribution_shape(a.shape, n, channels, size)).astype(np.float32)
     if not np.isfinite(a).all():
         raise BadParams("the attribution map has NaN or infinite values")
     return torch.from_numpy(a)
@@ -682,8 +665,9 @@ def run(
     n, c, h, w = inputs.images.shape
     win = window_pixels((h, w), params.window_px, params.window_fraction)  # fail before the attribution
     t0 = time.perf_counter()
-    if attribution is None and context is not None and "attribution" in getattr(context, "files", {}):
-        attribution = load_npy(context.files["attribution"])
+    upload = getattr(context, "files", {}).get("attribution") if attribution is None else None
+    if upload is not None:  # checked by the API before queueing; again here, with the same code
+        attribution = attribution_map(upload, n, c, (h, w))
     if attribution is not None:
         attr = uploaded_attribution(attribution, n, c, (h, w)).to(inputs.images.device)
         source, aggregation = "uploaded", params.aggregation or "sum"
