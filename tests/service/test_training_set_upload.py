@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
 import zipfile
 
 import numpy as np
@@ -120,3 +121,47 @@ def test_zip_bomb_and_oversized_zip_are_413(api):
     # a kind that takes no training set refuses the upload
     r = _post(api, "saliency", image, _zip({"0/a.png": image}), {})
     assert r.status_code == 422 and "unexpected upload" in r.json()["error"]["message"]
+
+
+def _lying_bomb(inflated: int = 512 << 20, declared: int = 100) -> bytes:
+    """A valid two-class zip whose ``0/a.png`` declares ``declared`` bytes and inflates to
+    ``inflated`` (zeros, deflated: half a megabyte): its sizes in the local header and the
+    central directory are rewritten after writing."""
+    image, _ = digit_png(1)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("0/a.png", "w") as f:
+            block = bytes(1 << 20)
+            for _ in range(inflated >> 20):
+                f.write(block)
+        zf.writestr("1/b.png", image)
+    data = bytearray(buf.getvalue())
+    struct.pack_into("<I", data, 22, declared)  # local header of the first member: uncompressed size
+    central = data.index(b"PK\x01\x02")  # its central directory entry
+    struct.pack_into("<I", data, central + 24, declared)
+    return bytes(data)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def test_a_zip_member_inflating_past_its_declared_size_costs_the_worker_no_memory(client, worker):
+    """The API sees 100 declared bytes (within every limit) and queues the job; the worker reads
+    the member 64 KiB at a time, stops past 100 bytes and fails the job ``bad_params``. Its
+    peak resident memory (reset before the job: /proc/PID/clear_refs) grows by far less than
+    the 512 MiB the member inflates to (before: about 1 GB)."""
+    bomb = _lying_bomb()
+    assert len(bomb) < 1 << 20
+    with open(f"/proc/{worker.pid}/clear_refs", "w") as f:
+        f.write("5")  # reset the peak to the current resident size
+    before = _peak_rss_mb(worker.pid)
+    image, _ = digit_png(0)
+    r = _post(client, "influence", image, bomb)
+    assert r.status_code in (200, 202), r.text
+    view, _ = wait_for(client, r.json()["id"], timeout=120)
+    assert view["status"] == "failed" and view["error"]["type"] == "bad_params", view
+    assert "inflates past its declared size of 100 bytes" in view["error"]["message"]
+    grown = _peak_rss_mb(worker.pid) - before
+    assert grown < 128, f"the worker's peak grew by {grown:.0f} MiB"
