@@ -107,3 +107,24 @@ def test_methods_catalogue_lists_kinds_with_schemas(client):
     props = saliency["params_schema"]["properties"]
     assert props["abs"]["default"] is True and props["aggregation"]["default"] == "max_abs"
     assert "target" in props and "batch_size" in props
+
+
+def test_the_resize_choice_and_the_region_each_result_covers(client):
+    """digits-cnn stretches (its manifest's default): a 16 x 8 upload, a digit in its centre
+    8 x 8 square and black around it, is covered whole. The job's ``resize:
+    shorter_side_center_crop`` covers that square only (left 4), where the model sees exactly
+    the digit and names it."""
+    from PIL import Image
+
+    from workers.models.digits import load_split
+
+    _, _, x_te, y_te = load_split()
+    wide = np.zeros((8, 16), np.uint8)
+    wide[:, 4:12] = (x_te[0] * 255).round().astype(np.uint8)
+    image = png(Image.fromarray(wide))
+    whole = submit(client, "saliency", [image], "digits-cnn", wait=60).json()
+    assert whole["result"]["input_regions"] == [{"left": 0, "top": 0, "width": 16, "height": 8, "resize": "stretch"}]
+    crop = submit(client, "saliency", [image], "digits-cnn", {"resize": "shorter_side_center_crop"}, wait=60).json()
+    region = {"left": 4, "top": 0, "width": 8, "height": 8, "resize": "shorter_side_center_crop"}
+    assert crop["status"] == "finished" and crop["result"]["input_regions"] == [region]
+    assert crop["result"]["images"][0]["target"] == int(y_te[0])
