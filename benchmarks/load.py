@@ -20,10 +20,16 @@ Starts its own redis-server (free port), the API (uvicorn, one process) and work
    2 workers: jobs/s from the first submit to the last terminal state, and every accepted
    job checked through the API to have reached a terminal state (nothing lost).
 
+4. ``--plain``: instead of 1-3, the outside client's view (issue 20): python-requests, one
+   keep-alive ``Session`` per client thread, posting a 50 KB JPEG (the cat at its own
+   451x300, not pre-sized to the model), alternated with the lean client posting the
+   model-sized photo, at each ``--clients`` level.
+
 Bounded: about ``3 * duration + 60`` seconds plus the job phases (each capped at
 ``--job-timeout``). Prints a table and writes JSON with ``--json``.
 
     python benchmarks/load.py [--model efficientnet-lite0] [--duration 10] [--jobs 40]
+    python benchmarks/load.py --plain --clients 8 32 [--duration 10] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -75,6 +81,70 @@ def model_image(model_id: str, models_dir: Path, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(data.chelsea()).resize((w, h)).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buf.getvalue()
+
+
+def photo_50kb() -> bytes:
+    """The outside client's upload: scikit-image's cat at its own size (451x300) as a JPEG
+    of quality 95, 50 KB, as a camera or browser would send it (not pre-sized to the model)."""
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def requests_load(base: str, model_id: str, image: bytes, clients: int, seconds: float) -> dict[str, Any]:
+    """The plain outside client: ``clients`` threads, each with its own python-requests
+    keep-alive ``Session``, posting the image as multipart (``files=``) and waiting for the
+    answer, for ``seconds``. Its own CPU per request is in ``client_cpu_ms``."""
+    import threading
+
+    import requests
+
+    url = f"{base}/v1/models/{model_id}/predict"
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+    stop_at: list[float] = []
+
+    def one_client() -> None:
+        with requests.Session() as http:
+            start.wait()
+            while time.perf_counter() < stop_at[0]:
+                t0 = time.perf_counter()
+                try:
+                    r = http.post(url, files={"image": ("cat.jpg", image, "image/jpeg")}, timeout=60)
+                    key = None if r.status_code == 200 else str(r.status_code)
+                except requests.RequestException as e:
+                    key = type(e).__name__
+                with lock:
+                    if key is None:
+                        latencies.append(time.perf_counter() - t0)
+                    else:
+                        errors[key] = errors.get(key, 0) + 1
+
+    threads = [threading.Thread(target=one_client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at.append(time.perf_counter() + seconds)
+    c0, t0 = own_cpu_s(), time.perf_counter()
+    start.wait()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - t0
+    n = max(len(latencies), 1)
+    return {
+        "client": "requests",
+        "clients": clients,
+        "requests": len(latencies),
+        "req_per_s": len(latencies) / took,
+        "p50_ms": pct(latencies, 50) * 1000,
+        "p99_ms": pct(latencies, 99) * 1000,
+        "client_cpu_ms": (own_cpu_s() - c0) / n * 1000,
+        "errors": errors,
+    }
 
 
 def forward_limit(
@@ -215,6 +285,13 @@ def main() -> None:
     ap.add_argument("--models-dir", default=str(ROOT / "var" / "models"))
     ap.add_argument("--json", default="")
     ap.add_argument("--format", choices=["JPEG", "PNG"], default="JPEG", help="of the posted photo")
+    ap.add_argument(
+        "--plain",
+        action="store_true",
+        help="only the outside-client comparison: python-requests threads posting a 50 KB JPEG against the "
+        "lean client posting the model-sized photo, at each --clients level, alternating, in one run",
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="--plain: alternations of the two clients per level")
     args = ap.parse_args()
 
     from workers.allocator import ALLOCATOR_ENV
@@ -250,6 +327,9 @@ def main() -> None:
         from schemas.settings import Settings
 
         max_batch = Settings().predict_max_batch
+        if args.plain:
+            results["plain"] = plain_comparison(base, args, image, media_type)
+            return
         print(f"batched forward limit of {args.model} (batch {max_batch}), in-process ...", flush=True)
         def measure_limits() -> list[dict[str, Any]]:
             secs = min(args.duration, 8.0)
@@ -293,9 +373,39 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
     results["load_avg_at_end"] = os.getloadavg()
-    report(results)
+    if args.plain:
+        report_plain(results)
+    else:
+        report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def plain_comparison(base: str, args: argparse.Namespace, image: bytes, media_type: str) -> list[dict[str, Any]]:
+    """Per ``--clients`` level, ``--rounds`` times: the lean asyncio client with the
+    model-sized photo (the figure load.py has reported), then python-requests threads with
+    the 50 KB photo; alternating so that a change in the machine's load hits both."""
+    photo = photo_50kb()
+    asyncio.run(predict_load(base, args.model, image, 4, 3.0, media_type=media_type))  # warm-up
+    rows = []
+    for c in args.clients:
+        for _ in range(args.rounds):
+            lean = asyncio.run(predict_load(base, args.model, image, c, args.duration, media_type=media_type))
+            lean.update(client="asyncio", image_bytes=len(image))
+            plain = requests_load(base, args.model, photo, c, args.duration)
+            plain.update(image_bytes=len(photo), load_avg=os.getloadavg()[0])
+            for row in (lean, plain):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def report_plain(r: dict[str, Any]) -> None:
+    print(f"\nmodel {r['model']}, {r['cpus']} CPUs, load average {r['load_avg_at_start'][0]:.1f} at start")
+    print(f"{'client':>9} {'image':>8} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}  errors")
+    for row in r["plain"]:
+        print(f"{row['client']:>9} {row['image_bytes']:>8} {row['clients']:>7} {row['req_per_s']:>8.1f} "
+              f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f}  {row['errors'] or '-'}")  # fmt: skip
 
 
 def report(r: dict[str, Any]) -> None:

@@ -49,6 +49,24 @@ def warm_targets(spec: str, available: Sequence[str], preload: Sequence[str] = (
     return list(dict.fromkeys([*chosen, *preload]))
 
 
+def warm_predict_path(cache: ModelCache, model_id: str) -> None:
+    """Load and warm the model, then serve one predict of a blank stored image through the
+    code a real one takes (decode, preprocess, engine, softmax, top-k), so that nothing on
+    that path is first used by a request."""
+    from PIL import Image
+
+    from schemas.stored_images import encode_rgb
+    from workers.pipeline import decode, forward_in_chunks
+    from workers.registry import preprocess
+    from workers.tasks import top_predictions
+
+    model = cache.get(model_id)
+    h, w = model.manifest.preprocessing.size
+    stored = encode_rgb(Image.new("RGB", (2 * w, 2 * h), (127, 127, 127)))
+    x, _ = preprocess([decode(stored)], model.manifest.preprocessing)
+    top_predictions(forward_in_chunks(model, x.to(model.device)).softmax(1), model.manifest.labels, 1)
+
+
 class Warmer:
     """Warms a worker's models and publishes its :class:`WarmState` (see the module doc)."""
 
@@ -74,6 +92,7 @@ class Warmer:
         self._thread: threading.Thread | None = None
         self._background: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._t0 = time.perf_counter()
 
     # --- state ---
 
@@ -111,7 +130,7 @@ class Warmer:
             self.publish()
             t0 = time.perf_counter()
             try:
-                self.cache.get(model_id)
+                warm_predict_path(self.cache, model_id)
                 log.info("warm: %s in %.1f s", model_id, time.perf_counter() - t0)
                 with self._lock:
                     self.failed.pop(model_id, None)
@@ -129,9 +148,9 @@ class Warmer:
         release_free_memory()  # the measurements' activations: back to the OS before idling
         self.publish()
 
-    def warm_up(self) -> float:
-        """Warm the targets, then mark the worker ready; returns the seconds it took."""
-        t0 = time.perf_counter()
+    def warm_up(self) -> None:
+        """Warm the targets (blocking). The worker calls :meth:`mark_ready` once it takes work."""
+        self._t0 = time.perf_counter()
         self.start()
         targets = self.targets()
         log.info("warming %d model(s) before taking work: %s", len(targets), ", ".join(targets) or "none")
@@ -139,11 +158,14 @@ class Warmer:
         if missing:
             log.warning("not in the models directory (warmed when they appear): %s", ", ".join(missing))
         self.warm(targets)
+
+    def mark_ready(self) -> None:
+        """Say so: the worker is registered, its scheduler forked and its first maintenance
+        done (``workers.worker.InspectorWorker``), so the first request meets a worker that
+        does nothing else."""
         self.ready = True
         self.publish()
-        seconds = time.perf_counter() - t0
-        log.info("ready in %.1f s (%d warm)", seconds, len(self.cache.loaded()))
-        return seconds
+        log.info("ready in %.1f s (%d warm)", time.perf_counter() - self._t0, len(self.cache.loaded()))
 
     def _new_models(self) -> list[str]:
         """Targets neither warm nor failed nor being warmed (models added while running)."""

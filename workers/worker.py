@@ -126,6 +126,13 @@ class InspectorWorker(SimpleWorker):
                         self.max_rss_mb, job.id)  # fmt: skip
             self._stop_requested = True
 
+    def dequeue_job_and_maintain_ttl(self, *args: Any, **kwargs: Any) -> Any:
+        """RQ's wait for the next job: the first call means the worker is registered and
+        its scheduler started, so it takes work now: ready (``workers.warmup``)."""
+        if self.warmer is not None and not self.warmer.ready:
+            self.warmer.mark_ready()
+        return super().dequeue_job_and_maintain_ttl(*args, **kwargs)
+
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         """RQ's first Redis call once a job has returned or raised: hold the job's outcome
         here through a Redis outage (``workers.outage``) rather than exit and lose it."""
