@@ -56,6 +56,8 @@ def test_limits_and_bad_bytes():
     with pytest.raises(PayloadTooLarge):
         decode_image(png(np.zeros((40, 40), np.uint8)), max_bytes=10_000, max_pixels=1000)
     with pytest.raises(UnsupportedMedia):
+        decode_image(b"not an image at all" + b"\x00" * 10, **LIMITS)
+    with pytest.raises(BadImage):  # a GIF's signature, then garbage: a corrupt GIF, not another format
         decode_image(b"GIF89a-not-really" + b"\x00" * 10, **LIMITS)
     with pytest.raises(BadImage):
         decode_image(png(np.zeros((64, 64, 3), np.uint8))[:60], **LIMITS)
