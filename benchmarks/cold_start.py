@@ -14,7 +14,7 @@ worker that warms only that model (``INSPECTOR_WARM_MODELS``):
    jobs (saliency, Integrated Gradients, Grad-CAM, DeepLift, occlusion maps...), and
    ``--settle`` seconds later.
 
-``--base DIR`` runs the workers from another checkout (e.g. ``git archive <commit> | tar
+``--base DIR`` runs the API and the workers from another checkout (e.g. ``git archive <commit> | tar
 -x -C DIR``) with this venv, for a same-run baseline; it has no warm-up, so "ready" is
 when its worker registers.
 
@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from harness import free_port, wait_until
+from harness import free_port, stack_env, start_stack, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,10 +58,18 @@ MIXED_JOBS: list[tuple[str, dict[str, Any]]] = [
 
 
 def rss_mb(pid: int) -> float:
+    return memory_mb(pid)["VmRSS"]
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Resident memory of a process in MiB: all (``VmRSS``), anonymous (heap, tensors) and
+    file-backed (shared libraries: torch's CUDA build maps about 300 MB of them)."""
+    out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            out[name] = int(value.split()[0]) / 1024
+    return out
 
 
 def photo(shift: int = 0) -> bytes:
@@ -150,11 +158,13 @@ def measure_model(
                 wait_until(is_ready, 1200, f"{model} worker")
                 ready_s = time.perf_counter() - t0
                 first, steady = first_and_steady(http, model, image)
-                start = {"cache": "cold" if run == 0 else "warm", "ready_s": ready_s, "first_ms": first * 1000,
-                         "steady_ms": steady * 1000, "first_over_steady": first / steady}  # fmt: skip
+                start = {"cache": "cold" if run == 0 and not args.cache else "warm", "ready_s": ready_s,
+                         "first_ms": first * 1000, "steady_ms": steady * 1000,
+                         "first_over_steady": first / steady}  # fmt: skip
                 if run == args.runs and args.jobs and model != "digits-cnn":
                     time.sleep(2)
                     start["rss_idle_mb"] = rss_mb(proc.pid)
+                    start["idle_detail_mb"] = memory_mb(proc.pid)
                     start["jobs"] = run_jobs(http, model, args.jobs, args.job_timeout)
                     start["rss_after_jobs_mb"] = rss_mb(proc.pid)
                     time.sleep(args.settle)
@@ -180,33 +190,22 @@ def main() -> None:
     ap.add_argument("--models-dir", default=str(ROOT / "var" / "models"))
     ap.add_argument("--base", default="", help="run the workers from this checkout (a baseline)")
     ap.add_argument("--env", nargs="*", default=[], help="extra NAME=VALUE for the workers")
+    ap.add_argument("--cache", default="", help="engine cache to start from (no cold start measured)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
-    from workers.allocator import ALLOCATOR_ENV
-
     redis_port, api_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        **ALLOCATOR_ENV,
-        "INSPECTOR_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "INSPECTOR_DEVICE": "cpu",
-        "INSPECTOR_MODELS_DIR": args.models_dir,
-        **dict(e.split("=", 1) for e in args.env),
-    }
+    env = stack_env(redis_port, args.models_dir, **dict(e.split("=", 1) for e in args.env))
     base = f"http://127.0.0.1:{api_port}"
-    procs = [
-        subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no"], stdout=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
-                          "--port", str(api_port), "--log-level", "warning"], env=env, cwd=ROOT),
-    ]  # fmt: skip
+    if args.base:  # the baseline's API too: its workers read what its API queues
+        env["PYTHONPATH"] = args.base
+    procs = start_stack(env, redis_port, api_port, Path(args.base) if args.base else ROOT)
     results: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(), "models": []}
     try:
         wait_until(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, 60, "API")
         with tempfile.TemporaryDirectory() as tmp:
             for model in args.models:
-                cache = Path(tmp) / model  # empty: the first start is a cold one
+                cache = Path(args.cache) if args.cache else Path(tmp) / model  # empty: a cold first start
                 results["models"].append(measure_model(model, env, base, args, cache, Path(tmp) / "worker.log"))
     finally:
         for p in reversed(procs):

@@ -9,9 +9,13 @@ latency counted as the service's.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -33,6 +37,32 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
             pass
         time.sleep(0.2)
     raise SystemExit(f"{what} not ready after {timeout:.0f} s")
+
+
+def stack_env(redis_port: int, models_dir: str, **extra: str) -> dict[str, str]:
+    """The environment of the benchmarks' API and workers: this one, the workers' allocator
+    settings, the Redis on ``redis_port``, CPU, ``models_dir``, then ``extra``."""
+    from workers.allocator import ALLOCATOR_ENV
+
+    return {
+        **os.environ,
+        **ALLOCATOR_ENV,
+        "INSPECTOR_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "INSPECTOR_DEVICE": "cpu",
+        "INSPECTOR_MODELS_DIR": models_dir,
+        **extra,
+    }
+
+
+def start_stack(env: dict[str, str], redis_port: int, api_port: int, cwd: Path) -> list[subprocess.Popen]:
+    """``[redis-server, uvicorn]`` on loopback (no persistence; the API at ``api_port``, with
+    ``env``): what the service benchmarks start before their workers."""
+    return [
+        subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
+                          "--port", str(api_port), "--log-level", "warning"], env=env, cwd=cwd),
+    ]  # fmt: skip
 
 
 class Connection:

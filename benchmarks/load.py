@@ -48,7 +48,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from harness import Connection, free_port, multipart_request, wait_until
+from harness import Connection, free_port, multipart_request, stack_env, start_stack, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -294,25 +294,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="--plain: alternations of the two clients per level")
     args = ap.parse_args()
 
-    from workers.allocator import ALLOCATOR_ENV
-
     redis_port, api_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        **ALLOCATOR_ENV,
-        "INSPECTOR_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "INSPECTOR_DEVICE": "cpu",
-        "INSPECTOR_MODELS_DIR": args.models_dir,
-        "INSPECTOR_CACHE_DIR": os.environ.get("INSPECTOR_CACHE_DIR", str(ROOT / "var" / "cache")),
-    }
+    cache = os.environ.get("INSPECTOR_CACHE_DIR", str(ROOT / "var" / "cache"))
+    env = stack_env(redis_port, args.models_dir, INSPECTOR_CACHE_DIR=cache)
     base = f"http://127.0.0.1:{api_port}"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [
-        subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no"], **quiet),
-        subprocess.Popen([sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
-                          "--port", str(api_port), "--log-level", "warning"], env=env, cwd=ROOT),
-    ]  # fmt: skip
+    procs = start_stack(env, redis_port, api_port, ROOT)
 
     def start_worker() -> None:
         procs.append(subprocess.Popen([sys.executable, "-m", "workers", "worker", "--preload", args.model,

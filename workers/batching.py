@@ -37,6 +37,7 @@ from schemas import keys
 from schemas.errors import InspectorError, JobFailure
 from schemas.jobs import PredictResponse
 from schemas.manifests import ModelRegistry
+from workers.allocator import release_free_memory
 from workers.explain.base import LoadedModel
 from workers.pipeline import decode, forward_in_chunks
 from workers.registry import ModelCache, preprocess
@@ -194,9 +195,14 @@ class PredictBatcher:
     # --- the thread ---
 
     def _run(self) -> None:
+        served = False  # since the last trim
         while not self._stop.is_set():
             try:
-                self.serve_once()
+                if self.serve_once():
+                    served = True
+                elif served:  # a quiet second after a burst: its activations go back to the OS
+                    release_free_memory()
+                    served = False
             except Exception:  # e.g. Redis restarting: keep serving once it is back
                 log.warning("predict batcher: retrying after an error", exc_info=True)
                 self._stop.wait(1.0)
