@@ -29,6 +29,11 @@ def _spawn_worker(settings, log: Path) -> subprocess.Popen:
         )
 
 
+def _healthcheck(settings) -> int:
+    done = subprocess.run([sys.executable, "-m", "workers", "ready"], env=settings_env(settings), cwd=ROOT, timeout=60)
+    return done.returncode
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -79,9 +84,11 @@ def test_readyz_is_503_until_the_models_are_warm_and_a_restart_with_the_cache_is
             info = api.get("/v1/models/digits-cnn").json()
             assert info["warm"] is True and info["warm_workers"] == [name]
             assert api.get("/v1/models/resnet18-random").json()["warm"] is False  # not asked to warm it
+            assert _healthcheck(own_settings) == 0, "python -m workers ready: the compose/k8s probe"
         finally:
             _stop(proc)
         assert api.get("/readyz").status_code == 503, "a stopped worker withdraws its warm state"
+        assert _healthcheck(own_settings) == 1
         cached = sorted(p.suffix for p in (own_settings.cache_dir / "onnx").iterdir())
         assert cached == [".json", ".lock", ".onnx"]
         mtime = next((own_settings.cache_dir / "onnx").glob("*.json")).stat().st_mtime_ns
