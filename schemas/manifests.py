@@ -42,6 +42,7 @@ class ModelEntry:
             architecture=m.arch_name or m.architecture,
             input_size=m.preprocessing.size,
             input_mode=m.preprocessing.mode,
+            preprocessing=m.preprocessing,
             num_classes=len(m.labels),
             labels=m.labels,
             gradcam_layer=m.gradcam_layer,

@@ -84,6 +84,9 @@ class ModelInfo(BaseModel):
     architecture: str
     input_size: tuple[int, int]
     input_mode: str
+    preprocessing: Preprocessing | None = Field(
+        None, description="how an upload becomes the input (resize or centre crop, normalisation)"
+    )
     num_classes: int
     labels: list[str]
     gradcam_layer: str | None

@@ -16,6 +16,7 @@ def test_list_models_includes_builtins_and_user_model(client):
     assert lite0["input_size"] == [224, 224] and lite0["num_classes"] == 1000
     assert lite0["labels"][285] == "Egyptian cat"
     assert len(lite0["version"]) == 64 and lite0["gradcam_layer"] == "_conv_head"
+    assert lite0["preprocessing"]["resize"] == "shorter_side_center_crop"  # the published centre crop
     digits = models["digits-cnn"]
     assert digits["has_training_set"] and digits["metrics"]["test_accuracy"] >= 0.95
     assert digits["layers"] == ["conv1", "conv2", "fc"]
