@@ -19,6 +19,7 @@ back readiness: its jobs fail with the load error as before.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -158,6 +159,11 @@ class Warmer:
         if missing:
             log.warning("not in the models directory (warmed when they appear): %s", ", ".join(missing))
         self.warm(targets)
+        # Collect once now and move what start-up made (torch's modules, the models) out of
+        # the collector's sight: a full collection over them (tens of ms) would otherwise
+        # land on an early request, and the RQ scheduler forked next shares their pages.
+        gc.collect()
+        gc.freeze()
 
     def mark_ready(self) -> None:
         """Say so: the worker is registered, its scheduler forked and its first maintenance
