@@ -185,16 +185,22 @@ def _member_names(infos: list[zipfile.ZipInfo], wanted: set[str]) -> dict[str, s
     return out
 
 
+LOCAL_HEADER = b"PK\x03\x04"
+LOCAL_HEADER_SIZE = 30
+"""A local file header: signature, 26 bytes of fields (name and extra field lengths at offset
+26 and 28), then the name and the extra field (APPNOTE 4.3.7)."""
+
+
 def _member_data(archive: bytes, info: zipfile.ZipInfo) -> memoryview:
     """The compressed bytes of ``info`` in ``archive`` (after its local file header)."""
     at = info.header_offset
-    header = archive[at : at + zipfile.sizeFileHeader]
-    if len(header) != zipfile.sizeFileHeader or header[:4] != zipfile.stringFileHeader:
+    header = archive[at : at + LOCAL_HEADER_SIZE]
+    if len(header) != LOCAL_HEADER_SIZE or header[:4] != LOCAL_HEADER:
         raise BadParams(
             f"training_set zip member {info.filename!r} has no local header", details={"member": info.filename}
         )
-    fields = struct.unpack(zipfile.structFileHeader, header)
-    start = at + zipfile.sizeFileHeader + fields[zipfile._FH_FILENAME_LENGTH] + fields[zipfile._FH_EXTRA_FIELD_LENGTH]
+    name_length, extra_length = struct.unpack_from("<HH", header, 26)
+    start = at + LOCAL_HEADER_SIZE + name_length + extra_length
     return memoryview(archive)[start : start + info.compress_size]
 
 

@@ -158,7 +158,7 @@ class InspectorWorker(SimpleWorker):
                 MEMORY.check()  # the running job's memory budget (workers.budget)
                 reap_abandoned(self.connection)
                 self._revive_scheduler()
-                enqueue_orphaned(self.connection, self.queue_names(), self.scheduler and self.scheduler.name)
+                enqueue_orphaned(self.connection, self.queue_names(), self.scheduler.name if self.scheduler else None)
             except REDIS_DOWN as e:  # beat again soon: a running job's entry must not expire
                 log.warning("heartbeat failed: %s", e)
                 wait = min(FIRST_WAIT_S, self.heartbeat_s)
@@ -190,7 +190,7 @@ class InspectorWorker(SimpleWorker):
             if len(held) == len(locks):
                 super().clean_registries()
             else:
-                self.last_cleaned_at = now()  # a reaper is at it: next time
+                self.last_cleaned_at = now()  # type: ignore[assignment]  # a reaper is at it: next time
         finally:
             for lock in held:
                 with contextlib.suppress(LockError):  # held past REAP_LOCK_S: expired, nothing to free

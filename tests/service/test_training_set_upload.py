@@ -165,3 +165,35 @@ def test_a_zip_member_inflating_past_its_declared_size_costs_the_worker_no_memor
     assert "inflates past its declared size of 100 bytes" in view["error"]["message"]
     grown = _peak_rss_mb(worker.pid) - before
     assert grown < 128, f"the worker's peak grew by {grown:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    "compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
+)
+def test_read_member_reads_each_compression_and_stops_at_the_declared_size(compression):
+    """``schemas.training_zip.read_member``: the bytes written, for each compression the zip
+    check accepts; a member of 16 MiB declaring 100 bytes is refused having allocated less
+    than 10 MiB (zipfile's own read inflates all 16 MiB first)."""
+    import tracemalloc
+
+    from schemas.errors import BadParams
+    from schemas.training_zip import read_member
+
+    data = bytes(range(256)) * 1000
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        zf.writestr("0/a.png", data)
+        zf.writestr("0/empty.png", b"")
+        zf.writestr("1/big.png", bytes(16 << 20))
+    archive = buf.getvalue()
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        assert read_member(archive, zf.getinfo("0/a.png")) == data
+        assert read_member(archive, zf.getinfo("0/empty.png")) == b""
+        big = zf.getinfo("1/big.png")
+    big.file_size = 100
+    tracemalloc.start()
+    with pytest.raises(BadParams, match="1/big.png"):
+        read_member(archive, big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10 << 20, f"{peak / 2**20:.1f} MiB"
