@@ -21,9 +21,9 @@ Starts its own redis-server (free port), the API (uvicorn, one process) and work
    job checked through the API to have reached a terminal state (nothing lost).
 
 4. ``--plain``: instead of 1-3, the outside client's view (issue 20): python-requests, one
-   keep-alive ``Session`` per client thread, posting a 50 KB JPEG (the cat at its own
-   451x300, not pre-sized to the model), alternated with the lean client posting the
-   model-sized photo, at each ``--clients`` level.
+   keep-alive ``Session`` per client thread, and the lean client, each posting the
+   model-sized photo and a 50 KB JPEG (the cat at its own 451x300, not pre-sized to the
+   model), interleaved at each ``--clients`` level: which of client and image costs what.
 
 Bounded: about ``3 * duration + 60`` seconds plus the job phases (each capped at
 ``--job-timeout``). Prints a table and writes JSON with ``--json``.
@@ -288,8 +288,8 @@ def main() -> None:
     ap.add_argument(
         "--plain",
         action="store_true",
-        help="only the outside-client comparison: python-requests threads posting a 50 KB JPEG against the "
-        "lean client posting the model-sized photo, at each --clients level, alternating, in one run",
+        help="only the outside-client comparison: python-requests threads and the lean client, each posting "
+        "the model-sized photo and a 50 KB JPEG, at each --clients level, interleaved, in one run",
     )
     ap.add_argument("--rounds", type=int, default=2, help="--plain: alternations of the two clients per level")
     args = ap.parse_args()
@@ -369,30 +369,34 @@ def main() -> None:
 
 
 def plain_comparison(base: str, args: argparse.Namespace, image: bytes, media_type: str) -> list[dict[str, Any]]:
-    """Per ``--clients`` level, ``--rounds`` times: the lean asyncio client with the
-    model-sized photo (the figure load.py has reported), then python-requests threads with
-    the 50 KB photo; alternating so that a change in the machine's load hits both."""
+    """Per ``--clients`` level, ``--rounds`` times, each client with each photo: the lean
+    asyncio client and python-requests threads, the model-sized photo (what load.py has
+    reported) and the 50 KB one; interleaved so that a change in the machine's load hits all."""
     photo = photo_50kb()
     asyncio.run(predict_load(base, args.model, image, 4, 3.0, media_type=media_type))  # warm-up
     rows = []
     for c in args.clients:
         for _ in range(args.rounds):
-            lean = asyncio.run(predict_load(base, args.model, image, c, args.duration, media_type=media_type))
-            lean.update(client="asyncio", image_bytes=len(image))
-            plain = requests_load(base, args.model, photo, c, args.duration)
-            plain.update(image_bytes=len(photo), load_avg=os.getloadavg()[0])
-            for row in (lean, plain):
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for client in ("asyncio", "requests"):
+                for upload, mt in ((image, media_type), (photo, "image/jpeg")):
+                    if client == "asyncio":
+                        row = asyncio.run(predict_load(base, args.model, upload, c, args.duration, media_type=mt))
+                        row["client"] = "asyncio"
+                    else:
+                        row = requests_load(base, args.model, upload, c, args.duration)
+                    row.update(image_bytes=len(upload), load_avg=os.getloadavg()[0])
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     return rows
 
 
 def report_plain(r: dict[str, Any]) -> None:
     print(f"\nmodel {r['model']}, {r['cpus']} CPUs, load average {r['load_avg_at_start'][0]:.1f} at start")
-    print(f"{'client':>9} {'image':>8} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}  errors")
+    print(f"{'client':>9} {'image':>8} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'load':>5}  errors")
     for row in r["plain"]:
         print(f"{row['client']:>9} {row['image_bytes']:>8} {row['clients']:>7} {row['req_per_s']:>8.1f} "
-              f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f}  {row['errors'] or '-'}")  # fmt: skip
+              f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['load_avg']:>5.1f}  "
+              f"{row['errors'] or '-'}")  # fmt: skip
 
 
 def report(r: dict[str, Any]) -> None:
