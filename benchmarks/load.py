@@ -316,41 +316,41 @@ def main() -> None:
         max_batch = Settings().predict_max_batch
         if args.plain:
             results["plain"] = plain_comparison(base, args, image, media_type)
-            return
-        print(f"batched forward limit of {args.model} (batch {max_batch}), in-process ...", flush=True)
-        def measure_limits() -> list[dict[str, Any]]:
-            secs = min(args.duration, 8.0)
-            return [forward_limit(args.model, image, max_batch, secs, env, spin) for spin in (True, False)]
+        else:
+            print(f"batched forward limit of {args.model} (batch {max_batch}), in-process ...", flush=True)
+            def measure_limits() -> list[dict[str, Any]]:
+                secs = min(args.duration, 8.0)
+                return [forward_limit(args.model, image, max_batch, secs, env, spin) for spin in (True, False)]
 
-        limits = measure_limits()
-        print(json.dumps(limits), flush=True)
-        asyncio.run(predict_load(base, args.model, image, 4, 3.0, media_type=media_type))  # warm-up
-        results["predict"] = []
-        for c in args.clients:
-            pids = {"api": procs[1].pid, "worker": procs[2].pid, "redis": procs[0].pid}
-            row = asyncio.run(predict_load(base, args.model, image, c, args.duration, pids, media_type))
-            results["predict"].append(row)
-            print(json.dumps(row), flush=True)
-        # Again after the load levels: on a shared machine the fastest of the four is the limit.
-        limits += measure_limits()
-        print(json.dumps(limits[2:]), flush=True)
-        results["limit"] = dict(max(limits, key=lambda lim: lim["forward"]))
-        # Decoding on the main thread competes with spinning engine threads: its best may differ.
-        best_pre = max(limits, key=lambda lim: lim["preprocess+forward"])
-        results["limit"].update({k: best_pre[k] for k in ("preprocess+forward", "preprocess+forward cpu_ms")})
-        results["limit"]["preprocess+forward spin_wait"] = best_pre["spin_wait"]
-        results["jobs"] = {}
-        for n_workers, offset in ((1, 0), (2, 100)):
-            if n_workers == 2:
-                from redis import Redis
-                from rq import Worker
+            limits = measure_limits()
+            print(json.dumps(limits), flush=True)
+            asyncio.run(predict_load(base, args.model, image, 4, 3.0, media_type=media_type))  # warm-up
+            results["predict"] = []
+            for c in args.clients:
+                pids = {"api": procs[1].pid, "worker": procs[2].pid, "redis": procs[0].pid}
+                row = asyncio.run(predict_load(base, args.model, image, c, args.duration, pids, media_type))
+                results["predict"].append(row)
+                print(json.dumps(row), flush=True)
+            # Again after the load levels: on a shared machine the fastest of the four is the limit.
+            limits += measure_limits()
+            print(json.dumps(limits[2:]), flush=True)
+            results["limit"] = dict(max(limits, key=lambda lim: lim["forward"]))
+            # Decoding on the main thread competes with spinning engine threads: its best may differ.
+            best_pre = max(limits, key=lambda lim: lim["preprocess+forward"])
+            results["limit"].update({k: best_pre[k] for k in ("preprocess+forward", "preprocess+forward cpu_ms")})
+            results["limit"]["preprocess+forward spin_wait"] = best_pre["spin_wait"]
+            results["jobs"] = {}
+            for n_workers, offset in ((1, 0), (2, 100)):
+                if n_workers == 2:
+                    from redis import Redis
+                    from rq import Worker
 
-                start_worker()
-                redis = Redis.from_url(env["INSPECTOR_REDIS_URL"])
-                wait_until(lambda r=redis: Worker.count(connection=r) >= 2, 300, "second worker")
-            row = job_phase(base, env["INSPECTOR_REDIS_URL"], args.jobs, offset, args.job_timeout)
-            results["jobs"][n_workers] = row
-            print(json.dumps({"workers": n_workers, **row}), flush=True)
+                    start_worker()
+                    redis = Redis.from_url(env["INSPECTOR_REDIS_URL"])
+                    wait_until(lambda r=redis: Worker.count(connection=r) >= 2, 300, "second worker")
+                row = job_phase(base, env["INSPECTOR_REDIS_URL"], args.jobs, offset, args.job_timeout)
+                results["jobs"][n_workers] = row
+                print(json.dumps({"workers": n_workers, **row}), flush=True)
     finally:
         for p in reversed(procs):
             p.terminate()
