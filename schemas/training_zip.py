@@ -31,6 +31,7 @@ import posixpath
 import struct
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from schemas.errors import BadParams, PayloadTooLarge
@@ -217,45 +218,56 @@ def _decompressor(info: zipfile.ZipInfo, raw: memoryview) -> tuple[object, memor
     return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters), raw[4 + size :]
 
 
-def read_member(archive: bytes, info: zipfile.ZipInfo) -> bytes:
+def _inflated(info: zipfile.ZipInfo, raw: memoryview) -> Iterator[bytes | memoryview]:
+    """The member's bytes, at most :data:`CHUNK` at a time (no check of the total here)."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        for i in range(0, min(len(raw), info.file_size + 1), CHUNK):
+            yield raw[i : min(i + CHUNK, info.file_size + 1)]
+        return
+    decomp, raw = _decompressor(info, raw)
+    for i in range(0, len(raw), CHUNK):
+        data: bytes | memoryview = raw[i : i + CHUNK]
+        while True:
+            yield decomp.decompress(data, CHUNK)  # type: ignore[attr-defined]
+            if getattr(decomp, "eof", False):
+                return
+            data = getattr(decomp, "unconsumed_tail", b"")  # zlib keeps what it did not inflate
+            if not data and getattr(decomp, "needs_input", True):
+                break
+    if hasattr(decomp, "flush"):  # zlib: what it holds back of a stream cut short
+        yield decomp.flush(CHUNK)
+
+
+def iter_member(archive: bytes, info: zipfile.ZipInfo) -> Iterator[bytes | memoryview]:
     """The bytes of member ``info`` of the zip ``archive`` (its ``ZipInfo`` from the central
     directory), streamed: at most :data:`CHUNK` bytes are inflated at a time, and reading stops
-    as soon as the output passes the declared ``file_size`` (422): memory stays within the
-    declared size plus one chunk, whatever the member inflates to. A CRC or length that does
-    not match is a 422 too."""
+    as soon as the output passes the declared ``file_size`` (422), so memory stays within
+    what the caller keeps plus one chunk, whatever the member inflates to. A CRC or length
+    that does not match is a 422 at the end. A caller may stop early (e.g. once an image's
+    header shows too many pixels)."""
     name = info.filename
+    total, crc = 0, 0
     try:
-        raw = _member_data(archive, info)
-        if info.compress_type == zipfile.ZIP_STORED:
-            out = bytearray(raw[: info.file_size + 1])
-        else:
-            decomp, raw = _decompressor(info, raw)
-            out = bytearray()
-            for i in range(0, len(raw), CHUNK):
-                data: bytes | memoryview = raw[i : i + CHUNK]
-                while True:
-                    out += decomp.decompress(data, CHUNK)  # type: ignore[attr-defined]
-                    if len(out) > info.file_size:
-                        raise BadParams(
-                            f"training_set zip member {name!r} inflates past its declared size of "
-                            f"{info.file_size} bytes (a zip bomb?)",
-                            details={"member": name, "declared_bytes": info.file_size},
-                        )
-                    if getattr(decomp, "eof", False):
-                        break
-                    data = getattr(decomp, "unconsumed_tail", b"")  # zlib keeps what it did not inflate
-                    if not data and getattr(decomp, "needs_input", True):
-                        break
-                if getattr(decomp, "eof", False):
-                    break
-            if hasattr(decomp, "flush"):  # zlib: what it holds back of a stream cut short
-                out += decomp.flush(CHUNK)
+        for piece in _inflated(info, _member_data(archive, info)):
+            total += len(piece)
+            if total > info.file_size:
+                raise BadParams(
+                    f"training_set zip member {name!r} inflates past its declared size of "
+                    f"{info.file_size} bytes (a zip bomb?)",
+                    details={"member": name, "declared_bytes": info.file_size},
+                )
+            crc = zlib.crc32(piece, crc)
+            yield piece
     except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError, struct.error) as e:
         raise BadParams(f"training_set zip member {name!r} is corrupt: {e}", details={"member": name}) from None
-    if len(out) != info.file_size or zlib.crc32(out) != info.CRC:
+    if total != info.file_size or crc != info.CRC:
         raise BadParams(
-            f"training_set zip member {name!r} is corrupt: {len(out)} bytes where it declares {info.file_size}, "
+            f"training_set zip member {name!r} is corrupt: {total} bytes where it declares {info.file_size}, "
             "or a CRC that does not match",
             details={"member": name},
         )
-    return bytes(out)
+
+
+def read_member(archive: bytes, info: zipfile.ZipInfo) -> bytes:
+    """The whole member, through :func:`iter_member`."""
+    return b"".join(iter_member(archive, info))

@@ -36,11 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from schemas.errors import BadParams, JobFailure, PayloadTooLarge
 from schemas.models import ModelManifest, Preprocessing
 from schemas.stored_images import UPLOAD_FORMATS
-from schemas.training_zip import check_training_zip, class_to_index, mapping_error, read_member
+from schemas.training_zip import check_training_zip, class_to_index, iter_member, mapping_error
 
 MAX_IN_MEMORY_BYTES = 1 << 30
 """Folders whose preprocessed tensors exceed this are read from disk batch by batch."""
@@ -131,7 +132,7 @@ class TrainingSetData:
 
 
 def _read_images(paths: list[Path], pre: Preprocessing) -> tuple[torch.Tensor, list[np.ndarray]]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     from workers.registry import preprocess
 
@@ -210,6 +211,37 @@ def _image_folder(root: Path, manifest: ModelManifest) -> TrainingSetData:
     return data
 
 
+HEADER_BYTES = 1 << 16
+"""How much of a zip member is read before its image header is looked at (PNG's IHDR, a
+JPEG's frame header after its EXIF and colour profile, GIF's and BMP's headers)."""
+
+
+def _check_pixels(img: Image.Image, name: str, max_pixels: int) -> None:
+    if img.width * img.height > max_pixels:
+        raise PayloadTooLarge(
+            f"training_set image {name!r} has {img.width * img.height} pixels; the limit is {max_pixels}",
+            details={"member": name, "limit": max_pixels},
+        )
+
+
+def _member_bytes(archive: bytes, info: zipfile.ZipInfo, max_pixels: int) -> bytes:
+    """A zip member, streamed (``schemas.training_zip.iter_member``: stopped past its declared
+    size); once its first :data:`HEADER_BYTES` are in, the image header they hold is checked
+    against ``max_pixels``, so an image over the limit is refused before the rest is read."""
+    buf, looked = bytearray(), False
+    for piece in iter_member(archive, info):
+        buf += piece
+        if not looked and len(buf) >= HEADER_BYTES:
+            looked = True
+            try:
+                head = Image.open(io.BytesIO(buf), formats=UPLOAD_FORMATS)
+            except (OSError, ValueError, SyntaxError, EOFError):  # header not within the head: checked after
+                continue
+            with head:
+                _check_pixels(head, info.filename, max_pixels)
+    return bytes(buf)
+
+
 def _read_zip_images(
     archive: bytes, members: list[str], pre: Preprocessing, max_pixels: int | None = None
 ) -> tuple[torch.Tensor, list[np.ndarray]]:
@@ -217,7 +249,7 @@ def _read_zip_images(
     decodes, each checked against ``max_pixels`` (default: the settings') before decoding."""
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     from workers.registry import preprocess
 
@@ -229,13 +261,9 @@ def _read_zip_images(
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
         for name in members:
             try:
-                with Image.open(io.BytesIO(read_member(archive, zf.getinfo(name))), formats=UPLOAD_FORMATS) as img:
-                    if img.width * img.height > max_pixels:
-                        raise PayloadTooLarge(
-                            f"training_set image {name!r} has {img.width * img.height} pixels; "
-                            f"the limit is {max_pixels}",
-                            details={"member": name, "limit": max_pixels},
-                        )
+                data = _member_bytes(archive, zf.getinfo(name), max_pixels)
+                with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as img:
+                    _check_pixels(img, name, max_pixels)
                     with warnings.catch_warnings():
                         warnings.simplefilter("error", Image.DecompressionBombWarning)
                         img.load()

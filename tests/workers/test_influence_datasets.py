@@ -244,3 +244,31 @@ def test_training_zip_checks():
     assert len(bomb.getvalue()) < 10_000
     with pytest.raises(PayloadTooLarge, match="uncompressed"):
         check(bomb.getvalue())
+
+
+def test_a_zip_image_over_the_pixel_limit_is_refused_before_the_rest_is_read():
+    """A 200 x 200 noise PNG (over 64 KiB) in a zip whose CRC for it is wrong: read whole it
+    is a corrupt member; with a 100-pixel limit it is refused for its pixels, which only
+    reading stopped at its header (the first 64 KiB) can tell."""
+    import io
+    import struct
+    import zipfile
+
+    from schemas.errors import PayloadTooLarge
+    from workers.datasets import _member_bytes
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(buf, "PNG")
+    assert len(buf.getvalue()) > 1 << 16
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("0/noise.png", buf.getvalue())
+    data = bytearray(archive.getvalue())
+    central = data.index(b"PK\x01\x02")
+    struct.pack_into("<I", data, central + 16, 0)  # the central directory's CRC-32 of the member
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        info = zf.getinfo("0/noise.png")
+    with pytest.raises(BadParams, match="corrupt"):
+        _member_bytes(bytes(data), info, max_pixels=10**6)
+    with pytest.raises(PayloadTooLarge, match="40000 pixels; the limit is 100"):
+        _member_bytes(bytes(data), info, max_pixels=100)
