@@ -3,34 +3,18 @@
 import json
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port, settings_env
+from tests.client.servers import running_api
+from tests.conftest import ROOT, settings_env
 from tests.helpers import digit_png
 
 
 @pytest.fixture
 def api_url(settings, worker):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.main:app", "--port", str(port), "--log-level", "warning"],
-        env=settings_env(settings),
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with running_api(settings) as url:
+        yield url
 
 
 def inspector(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
