@@ -143,6 +143,10 @@ def artifact(job_id: str, name: str) -> Call[bytes]:
     return Call("GET", artifact_path(job_id, name), lambda r: r.content)
 
 
+def archive(job_id: str) -> Call[bytes]:
+    return Call("GET", f"/v1/jobs/{seg(job_id)}/download", lambda r: r.content)
+
+
 def events_path(job_id: str) -> str:
     return f"/v1/jobs/{seg(job_id)}/events"
 

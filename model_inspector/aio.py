@@ -118,6 +118,15 @@ class AsyncClient:
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, await self.send(_core.job(job_id)))
 
+    async def _save(self, call: Call[Any], path: Path) -> None:
+        response = await self._send(call, stream=True)
+        try:
+            with open(path, "wb") as f:
+                async for chunk in response.aiter_bytes():
+                    f.write(chunk)
+        finally:
+            await response.aclose()
+
     async def _follow(self, job_id: str, deadline: float | None, report: _core.Reporter) -> JobView | None:
         while True:
             read = _core.read_timeout(deadline)
@@ -206,11 +215,11 @@ class AsyncJob(_core.JobState):
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(self.view.model_dump_json(indent=2))
         for name in self.artifacts:
-            response = await self.client._send(_core.artifact(self.id, name), stream=True)
-            try:
-                with open(out / _core.local_name(name), "wb") as f:
-                    async for chunk in response.aiter_bytes():
-                        f.write(chunk)
-            finally:
-                await response.aclose()
+            await self.client._save(_core.artifact(self.id, name), out / _core.local_name(name))
         return out
+
+    async def download_zip(self, path: str | os.PathLike[str]) -> Path:
+        if not self.done:
+            await self.wait()
+        await self.client._save(_core.archive(self.id), Path(path))
+        return Path(path)

@@ -134,6 +134,16 @@ class Client:
         """The handle of an existing job."""
         return Job(self, self.send(_core.job(job_id)))
 
+    def _save(self, call: Call[Any], path: Path) -> None:
+        """Stream the answer of ``call`` into ``path``."""
+        response = self._send(call, stream=True)
+        try:
+            with open(path, "wb") as f:
+                for chunk in response.iter_bytes():
+                    f.write(chunk)
+        finally:
+            response.close()
+
     # --- following a job -------------------------------------------------------------------
 
     def _follow(self, job_id: str, deadline: float | None, report: _core.Reporter) -> JobView | None:
@@ -243,12 +253,13 @@ class Job(_core.JobState):
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(self.view.model_dump_json(indent=2))
         for name in self.artifacts:
-            call = _core.artifact(self.id, name)
-            response = self.client._send(call, stream=True)
-            try:
-                with open(out / _core.local_name(name), "wb") as f:
-                    for chunk in response.iter_bytes():
-                        f.write(chunk)
-            finally:
-                response.close()
+            self.client._save(_core.artifact(self.id, name), out / _core.local_name(name))
         return out
+
+    def download_zip(self, path: str | os.PathLike[str]) -> Path:
+        """Every artifact and ``result.json`` as one zip (``GET /v1/jobs/{id}/download``),
+        streamed to ``path``; waits for the job first when it has not ended."""
+        if not self.done:
+            self.wait()
+        self.client._save(_core.archive(self.id), Path(path))
+        return Path(path)

@@ -20,7 +20,7 @@ from typing import IO, Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
+ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 Part = tuple[str, tuple[str, bytes, str]]
 SPOOL_BYTES = 64 * 1024 * 1024  # a zipped folder stays in memory up to this, then goes to a temp file
 

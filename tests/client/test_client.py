@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import httpx
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 
 import schemas.errors as api_errors
 from model_inspector import AsyncClient, Client, errors
-from tests.client.servers import keys_file, running_api
+from tests.client.support import digits_folder, keys_file, running_api
 from tests.conftest import ROOT
 from tests.helpers import digit_png
 
@@ -194,7 +195,7 @@ def test_rate_limited_answers_are_retried_after_retry_after(api, caplog):
     assert elapsed >= 0.9 * len(retries)  # each retry waited its Retry-After (1 s)
 
 
-def test_unavailable_queue_is_retried_until_redis_is_back(settings, own_redis, caplog):
+def test_unavailable_queue_is_retried_until_redis_is_back(settings, own_redis, caplog, tmp_path):
     """A real 503: the API's Redis stops; the submit is retried (Retry-After) and lands, once."""
     s = settings.model_copy(update={"redis_url": own_redis.url})
     image, _ = digit_png(1)
@@ -214,6 +215,46 @@ def test_unavailable_queue_is_retried_until_redis_is_back(settings, own_redis, c
         assert c.job(job.id).cancel().status == "canceled"
         with pytest.raises(errors.JobCanceled):
             c.job(job.id).wait(timeout=5)
+        # a data set a queued job reads cannot be deleted (409) until the job is gone
+        ds = c.datasets.upload(digits_folder(tmp_path / "digits", 4))
+        job = c.submit("attribution_batch", model="digits-cnn", dataset=ds.id)
+        with pytest.raises(errors.DatasetInUse) as e:
+            c.datasets.delete(ds.id)
+        assert e.value.status == 409 and isinstance(e.value, errors.Conflict)
+        job.cancel()
+        c.datasets.delete(ds.id)
+
+
+def test_datasets_upload_a_folder_list_get_run_a_job_and_delete(api, ic, tmp_path):
+    folder = digits_folder(tmp_path / "digits", 20)
+    info = ic.datasets.upload(folder)
+    assert info.id.startswith("ds_") and info.images == 20 and info.name == "digits"
+    assert info.classes == sorted({p.name for p in folder.iterdir()})
+    assert ic.datasets.upload(folder).id == info.id  # the same bytes: the same data set
+    listed = {d.id: d for d in ic.datasets.list()}
+    assert info.id in listed and "model:digits-cnn/test" in listed and listed["model:digits-cnn/test"].read_only
+    detail = ic.datasets.get(info.id)
+    assert sum(detail.class_counts.values()) == 20
+    with Client(api, api_key="slow-key") as other, pytest.raises(errors.UnknownDataset):
+        other.datasets.get(info.id)  # another tenant's data set is not there
+
+    updates = []
+    job = ic.submit(
+        "attribution_batch", model="digits-cnn", dataset=info.id, params={"images_per_chunk": 8, "dtype": "float32"}
+    )
+    job.wait(timeout=180, progress=updates.append)
+    maps = job.array("maps.npy")
+    assert maps.shape == (20, 8, 8) and maps.dtype == np.float32 and np.isfinite(maps).all()
+    counted = [u.done for u in updates if u.total == 20]  # progress counts images while it runs
+    assert counted and counted == sorted(counted) and updates[-1].status == "finished"
+    archive = job.download_zip(tmp_path / "result.zip")
+    with zipfile.ZipFile(archive) as zf:
+        assert {"result.json", "maps.npy"} <= set(zf.namelist())
+        assert np.array_equal(np.load(io.BytesIO(zf.read("maps.npy"))), maps)
+
+    ic.datasets.delete(info.id)
+    with pytest.raises(errors.UnknownDataset):
+        ic.datasets.get(info.id)
 
 
 def test_wait_times_out_and_cancel_ends_the_job(ic):

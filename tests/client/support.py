@@ -1,4 +1,4 @@
-"""A real API server (uvicorn in a subprocess) for client and CLI tests."""
+"""For the client and CLI tests: a real API server (uvicorn in a subprocess), API keys, a folder of images."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import ROOT, free_port, settings_env
+from tests.helpers import digit_png
 
 
 @contextlib.contextmanager
@@ -51,3 +52,12 @@ def keys_file(path: Path, tenants: dict[str, dict]) -> Path:
     ]
     path.write_text(json.dumps({"keys": entries}))
     return path
+
+
+def digits_folder(root: Path, n: int) -> Path:
+    """An ImageFolder tree of ``n`` digits test images, ``<label>/<i>.png``."""
+    for i in range(n):
+        data, label = digit_png(i)
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        (root / str(label) / f"{i}.png").write_bytes(data)
+    return root
