@@ -267,8 +267,9 @@ def test_wait_times_out_and_cancel_ends_the_job(ic):
     assert e.value.job.status == "canceled"
 
 
-def test_async_client(api):
+def test_async_client(api, tmp_path):
     image, label = digit_png(11)
+    folder = digits_folder(tmp_path / "few", 3)
 
     async def main():
         async with AsyncClient(api, api_key="alice-key") as c:
@@ -282,6 +283,9 @@ def test_async_client(api):
             array = await job.array("0-attribution.npy")
             with pytest.raises(errors.UnknownModel):
                 await c.predict(image, model="nope")
+            ds = await c.datasets.upload(folder)
+            assert (await c.datasets.get(ds.id)).images == 3 and ds.id in {d.id for d in await c.datasets.list()}
+            await c.datasets.delete(ds.id)
             return models, prediction, job, updates, array
 
     models, prediction, job, updates, array = asyncio.run(main())
