@@ -230,15 +230,18 @@ class Update:
 
 class Reporter:
     """Sends updates to ``progress``: a callable (called with :class:`Update` on each change),
-    a tqdm bar (its total, count and description are set), True (a tqdm bar of its own on
+    a tqdm bar (its total, count and description are set), a tqdm class (e.g.
+    ``tqdm.notebook.tqdm``: a bar of that class is made and closed), True (a tqdm bar on
     stderr), or None."""
 
     def __init__(self, progress: Any) -> None:
-        self.own = progress is True
-        if self.own:
+        self.own = progress is True or isinstance(progress, type)
+        if progress is True:
             from tqdm import tqdm
 
-            progress = tqdm(total=1, unit="step")
+            progress = tqdm
+        if self.own:
+            progress = progress(total=1, unit="step")
         self.target = progress
         self.last: Update | None = None
 
