@@ -211,14 +211,15 @@ def _image_folder(root: Path, manifest: ModelManifest) -> TrainingSetData:
 
 
 def _read_zip_images(
-    archive: bytes, members: list[str], pre: Preprocessing, max_pixels: int | None = None
+    archive: bytes | Path, members: list[str], pre: Preprocessing, max_pixels: int | None = None
 ) -> tuple[torch.Tensor, list[np.ndarray]]:
     """Decode zip ``members`` in memory (nothing is extracted to disk) with the formats the API
     decodes, each checked against ``max_pixels`` (default: the settings') before decoding."""
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from schemas.stored_images import to_rgb
     from workers.registry import preprocess
 
     if max_pixels is None:
@@ -226,7 +227,7 @@ def _read_zip_images(
 
         max_pixels = get_settings().max_image_pixels
     images = []
-    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+    with zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive) as zf:
         for name in members:
             try:
                 with Image.open(io.BytesIO(zf.read(name)), formats=UPLOAD_FORMATS) as img:
@@ -239,7 +240,7 @@ def _read_zip_images(
                     with warnings.catch_warnings():
                         warnings.simplefilter("error", Image.DecompressionBombWarning)
                         img.load()
-                    images.append(img.copy())
+                    images.append(to_rgb(ImageOps.exif_transpose(img)))  # as the API stores uploads
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, NotImplementedError,
                     zipfile.BadZipFile, Image.DecompressionBombWarning) as e:
                 raise BadParams(
