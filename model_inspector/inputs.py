@@ -83,14 +83,17 @@ def image_parts(images: ImageLike | Iterable[ImageLike] | None) -> list[Part]:
 
 
 def file_parts(files: Mapping[str, Any] | None) -> list[Part]:
-    """Extra uploads by name (``training_set``, ``attribution``...): bytes, a path, or an array
-    (sent as ``.npy``)."""
+    """Extra uploads by name (``training_set``, ``attribution``...): bytes, a file, a folder
+    (zipped), or an array (sent as ``.npy``)."""
     parts: list[Part] = []
     for name, value in (files or {}).items():
         if isinstance(value, np.ndarray):
             buf = io.BytesIO()
             np.save(buf, value, allow_pickle=False)
             parts.append((name, (f"{name}.npy", buf.getvalue(), "application/octet-stream")))
+        elif isinstance(value, str | os.PathLike) and Path(value).is_dir():  # e.g. a training_set folder
+            with zip_folder(Path(value)) as f:
+                parts.append((name, (f"{Path(value).name}.zip", f.read(), "application/zip")))
         elif isinstance(value, str | os.PathLike):
             parts.append((name, (Path(value).name, Path(value).read_bytes(), "application/octet-stream")))
         elif isinstance(value, bytes | bytearray | memoryview):

@@ -4,6 +4,7 @@ image encoding, artifact file names."""
 from __future__ import annotations
 
 import io
+import zipfile
 
 import httpx
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model_inspector import _core, errors
-from model_inspector.inputs import array_image, as_image_list
+from model_inspector.inputs import array_image, as_image_list, file_parts
 from schemas.jobs import Progress
 
 
@@ -98,6 +99,19 @@ def test_array_checks_and_batches():
     assert len(as_image_list(Image.new("RGB", (2, 2)))) == 1
     with pytest.raises(TypeError):
         _core.predict([1.5], "m", 1)
+
+
+def test_extra_files_from_bytes_paths_folders_and_arrays(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "a.png").write_bytes(b"png bytes")
+    (tmp_path / "map.npy").write_bytes(b"npy bytes")
+    parts = dict(file_parts({"training_set": tmp_path / "train", "attribution": str(tmp_path / "map.npy")}))
+    with zipfile.ZipFile(io.BytesIO(parts["training_set"][1])) as zf:
+        assert zf.namelist() == ["cat/a.png"] and zf.read("cat/a.png") == b"png bytes"
+    assert parts["attribution"][1] == b"npy bytes"
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    sent = dict(file_parts({"attribution": arr}))["attribution"][1]
+    assert np.array_equal(np.load(io.BytesIO(sent), allow_pickle=False), arr)
 
 
 def test_artifact_names_never_leave_the_download_folder():
