@@ -7,12 +7,13 @@ import sys
 import numpy as np
 import pytest
 
+from service.cli import main
 from tests.client.support import digits_folder, running_api
 from tests.conftest import ROOT, settings_env
 from tests.helpers import digit_png
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def api_url(settings, worker):
     with running_api(settings) as url:
         yield url
@@ -46,25 +47,25 @@ def test_cli_predict_and_explain_save_artifacts(api_url, settings, tmp_path):
     assert bad.returncode != 0 and "unknown_model" in bad.stderr
 
 
-def test_cli_datasets_upload_list_show_delete_and_explain_over_a_dataset(api_url, settings, tmp_path):
-    env = settings_env(settings)
+def test_cli_datasets_upload_list_show_delete_and_explain_over_a_dataset(api_url, tmp_path, capsys):
+    """In-process (``main(argv)``, the same code as the console script) to spare interpreter starts."""
+
+    def cli(*args: str) -> str:
+        main([*args, "--url", api_url])
+        return capsys.readouterr().out
+
     folder = digits_folder(tmp_path / "digits", 12)
-    out = inspector("datasets", "upload", str(folder), "--name", "cli-digits", "--url", api_url, env=env)
-    assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout)
+    info = json.loads(cli("datasets", "upload", str(folder), "--name", "cli-digits"))
     assert info["images"] == 12 and info["name"] == "cli-digits"
-    listed = inspector("datasets", "list", "--url", api_url, env=env)
-    assert listed.returncode == 0
-    assert any(info["id"] in line and "cli-digits" in line for line in listed.stdout.splitlines())
+    assert any(info["id"] in line and "cli-digits" in line for line in cli("datasets", "list").splitlines())
 
     params = json.dumps({"images_per_chunk": 6})
-    out = inspector("explain", "attribution_batch", "--dataset", info["id"], "--model", "digits-cnn",
-                    "--params", params, "--out", str(tmp_path / "out"), "--url", api_url, env=env)  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    cli("explain", "attribution_batch", "--dataset", info["id"], "--model", "digits-cnn", "--params", params,
+        "--out", str(tmp_path / "out"))  # fmt: skip
     assert np.load(tmp_path / "out" / "maps.npy").shape == (12, 8, 8)
 
-    shown = inspector("datasets", "show", info["id"], "--url", api_url, env=env)
-    assert sum(json.loads(shown.stdout)["class_counts"].values()) == 12
-    assert inspector("datasets", "delete", info["id"], "--url", api_url, env=env).returncode == 0
-    gone = inspector("datasets", "show", info["id"], "--url", api_url, env=env)
-    assert gone.returncode != 0 and "unknown_dataset" in gone.stderr
+    assert sum(json.loads(cli("datasets", "show", info["id"]))["class_counts"].values()) == 12
+    cli("datasets", "delete", info["id"])
+    with pytest.raises(SystemExit) as gone:
+        cli("datasets", "show", info["id"])
+    assert "unknown_dataset" in str(gone.value.code)
