@@ -176,8 +176,22 @@ class RetryPolicy:
         return min(self.max_wait, self.backoff * 2**attempt * random.uniform(0.5, 1.0))
 
 
-def log_retry(call: Call[Any], delay: float, why: str) -> None:
-    log.warning("%s %s: %s; retrying in %.2f s", call.method, call.path, why, delay)
+def retry_after_error(call: Call[Any], policy: RetryPolicy, attempt: int, url: str, error: Exception) -> float:
+    """Seconds to wait after attempt ``attempt`` of ``call`` could not reach the API; raises
+    :class:`~model_inspector.errors.TransportError` when it is not retried."""
+    delay = policy.delay(attempt, None)
+    if delay is None:
+        raise errors.TransportError(f"{call.method} {url}{call.path}: {error}") from error
+    log.warning("%s %s: %s: %s; retrying in %.2f s", call.method, call.path, type(error).__name__, error, delay)
+    return delay
+
+
+def retry_after_answer(call: Call[Any], policy: RetryPolicy, attempt: int, response: httpx.Response) -> float | None:
+    """Seconds to wait after attempt ``attempt`` of ``call`` got ``response``; None: it is the answer."""
+    delay = policy.delay(attempt, response) if response.status_code >= 400 else None
+    if delay is not None:
+        log.warning("%s %s: %s; retrying in %.2f s", call.method, call.path, response.status_code, delay)
+    return delay
 
 
 def check(response: httpx.Response) -> httpx.Response:
@@ -279,6 +293,11 @@ def read_timeout(deadline: float | None) -> float:
     """Read timeout of the SSE stream: a silent stream is dead after SSE_READ_S, and a wait
     ends at its deadline."""
     return SSE_READ_S if deadline is None else max(0.01, min(SSE_READ_S, deadline - time.monotonic()))
+
+
+def check_deadline(deadline: float | None, job_id: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise errors.WaitTimeout(f"job {job_id} did not end in time")
 
 
 def sse_unusable(response: httpx.Response) -> bool:

@@ -22,7 +22,6 @@ from PIL import Image
 
 from model_inspector import _core, errors
 from model_inspector._core import Call
-from model_inspector.client import _check_deadline
 from model_inspector.datasets import AsyncDatasets
 from model_inspector.inputs import ImageLike
 from schemas.jobs import JobView, PredictResponse
@@ -67,23 +66,19 @@ class AsyncClient:
     async def _send(self, call: Call[Any], stream: bool) -> httpx.Response:
         attempt = 0
         while True:
+            delay: float | None
             call.rewind()
             try:
                 response = await self._http.send(call.request(self._http), stream=stream)
             except httpx.TransportError as e:
-                delay = self.policy.delay(attempt, None)
-                if delay is None:
-                    raise errors.TransportError(f"{call.method} {self.url}{call.path}: {e}") from e
-                _core.log_retry(call, delay, f"{type(e).__name__}: {e}")
+                delay = _core.retry_after_error(call, self.policy, attempt, self.url, e)
             else:
-                delay = self.policy.delay(attempt, response) if response.status_code >= 400 else None
-                if delay is None:
+                delay = _core.retry_after_answer(call, self.policy, attempt, response)
+                if delay is None:  # the answer
                     if response.status_code >= 400:
-                        await response.aread()
-                        await response.aclose()
+                        await response.aread()  # the error body, also of a streamed request
                     return _core.check(response)
                 await response.aclose()
-                _core.log_retry(call, delay, f"{response.status_code}")
             await asyncio.sleep(delay)
             attempt += 1
 
@@ -149,10 +144,10 @@ class AsyncClient:
                         view = _core.on_event(*event, report) if event else None
                         if view is not None:
                             return view
-                        _check_deadline(deadline, job_id)
+                        _core.check_deadline(deadline, job_id)
                 return None
             except httpx.ReadTimeout:
-                _check_deadline(deadline, job_id)
+                _core.check_deadline(deadline, job_id)
             except httpx.TransportError:
                 return None
 
@@ -162,7 +157,7 @@ class AsyncClient:
             report(view.id, view.status, view.progress)
             if view.status in _core.TERMINAL:
                 return view
-            _check_deadline(deadline, job_id)
+            _core.check_deadline(deadline, job_id)
             await asyncio.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
             interval = min(interval * 1.5, 2.0)
 

@@ -76,23 +76,19 @@ class Client:
     def _send(self, call: Call[Any], stream: bool) -> httpx.Response:
         attempt = 0
         while True:
+            delay: float | None
             call.rewind()
             try:
                 response = self._http.send(call.request(self._http), stream=stream)
             except httpx.TransportError as e:
-                delay = self.policy.delay(attempt, None)
-                if delay is None:
-                    raise errors.TransportError(f"{call.method} {self.url}{call.path}: {e}") from e
-                _core.log_retry(call, delay, f"{type(e).__name__}: {e}")
+                delay = _core.retry_after_error(call, self.policy, attempt, self.url, e)
             else:
-                delay = self.policy.delay(attempt, response) if response.status_code >= 400 else None
-                if delay is None:
+                delay = _core.retry_after_answer(call, self.policy, attempt, response)
+                if delay is None:  # the answer
                     if response.status_code >= 400:
-                        response.read()
-                        response.close()
+                        response.read()  # the error body, also of a streamed request
                     return _core.check(response)
                 response.close()
-                _core.log_retry(call, delay, f"{response.status_code}")
             time.sleep(delay)
             attempt += 1
 
@@ -169,10 +165,10 @@ class Client:
                         view = _core.on_event(*event, report) if event else None
                         if view is not None:
                             return view
-                        _check_deadline(deadline, job_id)
+                        _core.check_deadline(deadline, job_id)
                 return None  # closed before the end event (proxy, restart): poll instead
             except httpx.ReadTimeout:
-                _check_deadline(deadline, job_id)  # else: no ping for SSE_READ_S; connect again
+                _core.check_deadline(deadline, job_id)  # else: no ping for SSE_READ_S; connect again
             except httpx.TransportError:
                 return None
 
@@ -182,14 +178,9 @@ class Client:
             report(view.id, view.status, view.progress)
             if view.status in _core.TERMINAL:
                 return view
-            _check_deadline(deadline, job_id)
+            _core.check_deadline(deadline, job_id)
             time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
             interval = min(interval * 1.5, 2.0)
-
-
-def _check_deadline(deadline: float | None, job_id: str) -> None:
-    if deadline is not None and time.monotonic() >= deadline:
-        raise errors.WaitTimeout(f"job {job_id} did not end in time")
 
 
 class Job(_core.JobState):
