@@ -48,6 +48,7 @@ class Call(Generic[T]):
     data: dict[str, str] | None = None
     files: list[tuple[str, tuple[Any, ...]]] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    final: tuple[str, ...] = ()  # error types answered at once, never retried (e.g. a storage quota)
 
     def rewind(self) -> None:
         """Before a retry: file objects sent again from their start."""
@@ -189,6 +190,8 @@ def retry_after_error(call: Call[Any], policy: RetryPolicy, attempt: int, url: s
 def retry_after_answer(call: Call[Any], policy: RetryPolicy, attempt: int, response: httpx.Response) -> float | None:
     """Seconds to wait after attempt ``attempt`` of ``call`` got ``response``; None: it is the answer."""
     delay = policy.delay(attempt, response) if response.status_code >= 400 else None
+    if delay is not None and call.final and errors.from_response(response).type in call.final:
+        return None
     if delay is not None:
         log.warning("%s %s: %s; retrying in %.2f s", call.method, call.path, response.status_code, delay)
     return delay

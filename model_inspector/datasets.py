@@ -33,6 +33,7 @@ def upload(path: PathLike, name: str | None = None) -> tuple[Call[DatasetInfo], 
         lambda r: DatasetInfo.model_validate_json(r.content),
         params={"name": name or p.name},
         files=[(UPLOAD_FIELD, (filename, body, "application/zip"))],
+        final=("quota_exceeded",),  # the tenant's storage is full: waiting does not free it
     )
     return call, body
 

@@ -196,8 +196,10 @@ def test_rate_limited_answers_are_retried_after_retry_after(api, caplog):
 
 
 def test_unavailable_queue_is_retried_until_redis_is_back(settings, own_redis, caplog, tmp_path):
-    """A real 503: the API's Redis stops; the submit is retried (Retry-After) and lands, once."""
-    s = settings.model_copy(update={"redis_url": own_redis.url})
+    """A real 503: the API's Redis stops; the submit is retried (Retry-After) and lands, once.
+    On the same API (no worker, a quota of one data set): 409 for a data set a queued job
+    uses, and the storage quota's 429 answered at once (its Retry-After: 60 is not waited)."""
+    s = settings.model_copy(update={"redis_url": own_redis.url, "max_datasets": 1})
     image, _ = digit_png(1)
     caplog.set_level(logging.WARNING, logger="model_inspector")
     with running_api(s) as url, Client(url, max_wait=10) as c:
@@ -221,6 +223,10 @@ def test_unavailable_queue_is_retried_until_redis_is_back(settings, own_redis, c
         with pytest.raises(errors.DatasetInUse) as e:
             c.datasets.delete(ds.id)
         assert e.value.status == 409 and isinstance(e.value, errors.Conflict)
+        with Client(url) as patient, pytest.raises(errors.QuotaExceeded) as quota:
+            t0 = time.monotonic()
+            patient.datasets.upload(digits_folder(tmp_path / "more", 5))
+        assert time.monotonic() - t0 < 10 and quota.value.retry_after == 60
         job.cancel()
         c.datasets.delete(ds.id)
 
