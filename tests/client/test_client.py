@@ -52,6 +52,20 @@ class Recorder(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+class AsyncRefusingEvents(httpx.AsyncHTTPTransport):
+    """The async side of ``Recorder(refuse_events=True)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[str, str]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append((request.method, request.url.path))
+        if request.url.path.endswith("/events"):
+            return httpx.Response(502, text="<html>502 Bad Gateway</html>", headers={"content-type": "text/html"})
+        return await super().handle_async_request(request)
+
+
 @pytest.fixture(scope="module")
 def api(settings, worker, tmp_path_factory):
     path = keys_file(tmp_path_factory.mktemp("keys") / "keys.json", TENANTS)
@@ -292,7 +306,12 @@ def test_async_client(api, tmp_path):
             ds = await c.datasets.upload(folder)
             assert (await c.datasets.get(ds.id)).images == 3 and ds.id in {d.id for d in await c.datasets.list()}
             await c.datasets.delete(ds.id)
-            return models, prediction, job, updates, array
+        refusing = AsyncRefusingEvents()
+        async with AsyncClient(api, api_key="alice-key", transport=refusing) as c:
+            polled = await c.submit("attribution", image, model="digits-cnn", params={"method": "saliency"})
+            await polled.wait(timeout=120)
+        assert ("GET", f"/v1/jobs/{polled.id}") in refusing.requests and polled.status == "finished"
+        return models, prediction, job, updates, array
 
     models, prediction, job, updates, array = asyncio.run(main())
     assert "digits-cnn" in {m.id for m in models}
