@@ -86,13 +86,16 @@ def fetch_inputs(conn: Redis, ids: list[str]) -> list[bytes]:
     return cast(list[bytes], data)
 
 
-def _store(job: Job, artifacts: list[Artifact], ttl: int) -> None:
+def _store(job: Job, kind: str, artifacts: list[Artifact], ttl: int) -> None:
     with job.connection.pipeline() as pipe:
         for a in artifacts:
             if a.path is None:  # files on the data volume stay there
                 pipe.set(keys.artifact_key(job.id, a.name), a.data, ex=ttl)
         pipe.execute()
-    job.meta["progress"] = {"done": 1, "total": 1, "stage": "done"}
+    # A kind that counts its own units (PROGRESS_UNIT, e.g. images) ends at all of them done.
+    counted = hasattr(kind_module(kind), "PROGRESS_UNIT")
+    total = int((job.meta.get("progress") or {}).get("total") or 0) if counted else 0
+    job.meta["progress"] = {"done": total or 1, "total": total or 1, "stage": "done"}
     job.save_meta()
 
 
@@ -230,7 +233,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
                 result = _run_chunked(job, p, params, pngs, context, progress)
             else:
                 result = execute(model_cache(), p.kind, p.model_id, p.model_version, pngs, params, progress, context)
-        through_outage(lambda: _store(job, result.artifacts, settings.result_ttl_s), outage_s, f"job {job.id} result")
+        store = partial(_store, job, p.kind, result.artifacts, settings.result_ttl_s)
+        through_outage(store, outage_s, f"job {job.id} result")
     except Exception as e:
         if not isinstance(e, InspectorError | JobCanceled):
             log.exception("job %s (%s) failed", job.id, p.kind)
