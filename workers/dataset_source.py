@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,7 +34,10 @@ import torch
 from schemas.datasets import ZipDataset, check_dataset_zip, is_model_split, parse_model_split
 from schemas.errors import BadParams, JobFailure
 from schemas.settings import get_settings
-from workers.explain.base import LoadedModel
+from workers.explain.base import Inputs, LoadedModel
+
+if TYPE_CHECKING:
+    from workers.datasets import TrainingSetData
 
 Loader = Callable[[np.ndarray], tuple[torch.Tensor, list[np.ndarray]]]
 """Image indices -> ``(images (b, C, H, W) float32 CPU, b display arrays (H, W, 3) uint8)``."""
@@ -193,3 +196,46 @@ def prune_job_dirs(data_dir: Path, max_age_s: float, every_s: float = 600.0) -> 
 
 def describe(source: DatasetSource) -> dict[str, Any]:
     return {"dataset": source.ref, "images": len(source), "labelled": int((source.labels >= 0).sum())}
+
+
+def dataset_inputs(model: LoadedModel, params: Any, context: Any, default_limit: int) -> Inputs:
+    """The first ``params.limit`` (default ``default_limit``) images of ``params.dataset`` as
+    a kind's ``Inputs`` (for kinds that hold their images at once, e.g. ``compare``),
+    with targets resolved as for uploaded images."""
+    from workers.pipeline import forward_in_chunks, resolve_targets
+
+    src = open_source(model, params.dataset, context.datasets, context.models_dir)
+    src = limited(src, params.limit or default_limit)
+    x, display = src.load(0, len(src))
+    x = x.to(model.device)
+    probs = forward_in_chunks(model, x).softmax(1)
+    return Inputs(x, display, resolve_targets(params.target, probs), probs)
+
+
+def training_set_of(model: LoadedModel, ref: str, context: Any) -> TrainingSetData:
+    """An uploaded data set as ``influence``'s training set (``workers.datasets.TrainingSetData``):
+    every image needs a label that maps to the model's (422 otherwise); read from the zip on
+    the data volume, in memory when its tensors fit ``MAX_IN_MEMORY_BYTES``."""
+    import hashlib
+
+    from workers.datasets import MAX_IN_MEMORY_BYTES, TrainingSetData
+
+    src = open_source(model, ref, context.datasets, context.models_dir, need_labels=True)
+    if (src.labels < 0).any():
+        raise BadParams(
+            f"data set {ref!r} has {int((src.labels < 0).sum())} images without a label; a training set needs "
+            "one per image (ImageFolder, or a labels.csv row for every image)"
+        )
+    pre = model.manifest.preprocessing
+    path = context.datasets[ref]
+    h = hashlib.sha256(b"dataset\0" + path.name.encode() + pre.model_dump_json().encode())
+    h.update(src.labels.tobytes())
+    data = TrainingSetData(
+        labels=src.labels, fingerprint=h.hexdigest(), source=f"dataset:{ref}", archive=path,  # type: ignore[arg-type]
+        members=list(src.names), preprocessing=pre,
+    )  # fmt: skip
+    c = 1 if pre.mode == "L" else 3
+    if len(src) * c * pre.size[0] * pre.size[1] * 4 <= MAX_IN_MEMORY_BYTES:
+        x, display = src.load(0, len(src))
+        data.tensor, data._display = x, np.stack(display)
+    return data

@@ -20,7 +20,7 @@ from redis import Redis
 from schemas.attribution import AttributionParams
 from service.images import decode_image
 from tests.conftest import start_worker
-from tests.helpers import noise_images, upload_dataset, wait_for, zip_of
+from tests.helpers import digit_png, noise_images, png, upload_dataset, wait_for, zip_of
 from workers import render
 from workers.explain import attribution
 from workers.pipeline import load_inputs
@@ -169,10 +169,10 @@ def test_two_workers_share_a_batch_and_survive_a_kill(client, settings, model_ca
     np.testing.assert_allclose(maps[sample], expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["flat", "labels"])
+@pytest.mark.parametrize("case", ["digits_split", "flat_upload"])
 def test_flat_sets_and_digits_splits(client, case):
     """digits-cnn over its registered test split (``model:test``), and flat uploads."""
-    if case == "flat":
+    if case == "digits_split":
         r = client.post("/v1/jobs/attribution_batch",
                         json={"model_id": "digits-cnn", "params": {"dataset": "model:test", "limit": 30}})  # fmt: skip
         view, _ = wait_for(client, r.json()["id"], timeout=120)
@@ -182,11 +182,41 @@ def test_flat_sets_and_digits_splits(client, case):
     archive = zip_of({"a.png": noise_images(1, 8)[0], "b.png": noise_images(1, 8, 1)[0], "labels.csv": b"a.png,3\n"})
     ds = upload_dataset(client, archive).json()
     assert ds["layout"] == "flat" and ds["labelled"] == 1
-    job = run_batch(client, ds["id"], {"target_from": "label"})
     r = client.post("/v1/jobs/attribution_batch", json={"model_id": "digits-cnn",
                     "params": {"dataset": ds["id"], "target_from": "label"}})  # fmt: skip
     view, _ = wait_for(client, r.json()["id"], timeout=120)
     assert view["status"] == "finished", view
     rows = list(csv.DictReader(io.StringIO(artifact(client, view, "images.csv").decode())))
     assert rows[0]["target"] == "3" and rows[1]["label"] == "-1" and rows[1]["target"] == rows[1]["predicted"]
-    wait_for(client, job, timeout=120)
+
+
+def test_influence_on_a_data_set_equals_the_zip_upload_and_compare_over_a_split(client):
+    """The same zip as a ``training_set`` upload and as a data set id: the same scores."""
+    from workers.models.digits import load_split
+
+    x, y, _, _ = load_split()
+    members = {}
+    for k in range(10):
+        for j, i in enumerate(np.flatnonzero(y == k)[:3]):
+            members[f"{k}/{j}.png"] = png((x[i] * 255).round().astype(np.uint8))
+    archive = zip_of(members)
+    image, label = digit_png(15)
+    params = {"layers": ["fc"], "solver": "exact", "target": label, "top_k": 3}
+    files = [("image", ("t.png", image, "image/png")), ("training_set", ("train.zip", archive, "application/zip"))]
+    r = client.post("/v1/jobs/influence", files=files, data={"model_id": "digits-cnn", "params": json.dumps(params)})
+    as_zip, _ = wait_for(client, r.json()["id"], timeout=300)
+    ds = upload_dataset(client, archive).json()["id"]
+    r = client.post("/v1/jobs/influence", files=files[:1],
+                    data={"model_id": "digits-cnn", "params": json.dumps({**params, "training_set": ds})})  # fmt: skip
+    as_id, _ = wait_for(client, r.json()["id"], timeout=300)
+    assert as_zip["status"] == as_id["status"] == "finished", (as_zip, as_id)
+    assert as_id["result"]["training_set"]["size"] == 30
+    assert np.array_equal(np.load(io.BytesIO(artifact(client, as_zip, "scores.npy"))),
+                          np.load(io.BytesIO(artifact(client, as_id, "scores.npy"))))  # fmt: skip
+    r = client.post("/v1/jobs/compare", json={"model_id": "digits-cnn", "params": {
+        "dataset": "model:test", "limit": 3, "methods": [{"method": "saliency"}, {"method": "input_x_gradient"}],
+        "sensitivity_max": None, "infidelity": None}})  # fmt: skip
+    view, _ = wait_for(client, r.json()["id"], timeout=120)
+    assert view["status"] == "finished", view
+    assert len(view["result"]["images"]) == 3 and [m["method"] for m in view["result"]["methods"]] == [
+        "saliency", "input_x_gradient"]  # fmt: skip

@@ -102,7 +102,8 @@ def test_maps_equal_the_attribution_kind_image_by_image(resnet, tmp_path):
             assert int(rows[i]["target"]) == expected.summary["images"][0]["target"]
         if method["method"] == "saliency":  # float16 maps: the float32 maps rounded
             half = params.model_copy(update={"dtype": "float16"})
-            maps16 = maps_of(attribution_batch.run(resnet, None, half, no_progress, context_for(tmp_path, archive, "h")))
+            again = attribution_batch.run(resnet, None, half, no_progress, context_for(tmp_path, archive, "h"))
+            maps16 = maps_of(again)
             assert maps16.dtype == np.float16 and np.array_equal(maps16, maps.astype(np.float16))
 
 
