@@ -265,8 +265,8 @@ def test_datasets_upload_a_folder_list_get_run_a_job_and_delete(api, ic, tmp_pat
     job.wait(timeout=180, progress=updates.append)
     maps = job.array("maps.npy")
     assert maps.shape == (20, 8, 8) and maps.dtype == np.float32 and np.isfinite(maps).all()
-    counted = [u.done for u in updates if u.total == 20]  # progress counts images while it runs
-    assert counted and counted == sorted(counted) and updates[-1].status == "finished"
+    counted = [u.done for u in updates if u.total == 20]  # progress counts images
+    assert counted == sorted(counted) and updates[-1].status == "finished" and updates[-1].done == 20
     archive = job.download_zip(tmp_path / "result.zip")
     with zipfile.ZipFile(archive) as zf:
         assert {"result.json", "maps.npy"} <= set(zf.namelist())
