@@ -30,8 +30,8 @@ test: $(STAMP) tools
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check schemas service workers tests benchmarks
-	$(VENV)/bin/mypy schemas service workers
+	$(VENV)/bin/ruff check schemas service workers model_inspector tests benchmarks
+	$(VENV)/bin/mypy schemas service workers model_inspector
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

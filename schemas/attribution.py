@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
+from schemas.datasets import DatasetParams
 from schemas.errors import BadParams, UnsupportedMethod
 from schemas.models import ModelManifest
 from schemas.params import Aggregation, JobParams
@@ -336,9 +337,15 @@ def _paper_methods() -> list[Any]:
     ]
 
 
-class CompareParams(JobParams):
+COMPARE_DATASET_IMAGES = 16
+"""Images ``compare`` takes from a data set when its ``limit`` is null."""
+
+
+class CompareParams(DatasetParams, JobParams):
     """Several attribution methods on the same images (the Captum comparison paper's Fig. 1
     and Table I): a table of runtime, Max Sensitivity and infidelity, and a grid image.
+    The images are the request's, or the first ``limit`` (default 16, at most 64) of a
+    ``dataset``.
 
     Targets, the batch size and the quality scores are set here for all methods; a method
     that cannot run on the model gets a table row with its error instead of a map."""
@@ -349,6 +356,9 @@ class CompareParams(JobParams):
     sensitivity_max: SensitivityMax | None = SensitivityMax()
     infidelity: Infidelity | None = Infidelity()
     seed: int = Field(0, ge=0)
+    limit: int | None = Field(
+        None, ge=1, le=64, description="images taken from the dataset (null = 16); compare holds them all at once"
+    )
 
     @model_validator(mode="after")
     def _no_per_method_settings(self) -> CompareParams:

@@ -5,10 +5,11 @@
     ├── PayloadTooLarge       413  too many bytes, pixels or images
     ├── UnsupportedMedia      415  not an image, or a format we do not decode
     ├── Unauthorized          401  no API key, or an unknown one (when keys are configured)
-    ├── NotFound              404  (UnknownModel, UnknownJob, UnknownArtifact)
+    ├── NotFound              404  (UnknownModel, UnknownJob, UnknownArtifact, UnknownDataset)
     ├── BadParams             422  params that fail their schema or do not fit the model
     │   ├── UnsupportedMethod 422  a method that cannot run on this model (names the layer)
     │   └── IdempotencyKeyReused 422  an Idempotency-Key sent again with a different request
+    ├── DatasetInUse          409  a data set a queued or running job uses cannot be deleted
     ├── RateLimited           429  the tenant's request rate is over its limit (Retry-After)
     │   └── QuotaExceeded     429  the tenant has too many unfinished jobs (Retry-After)
     ├── QueueUnavailable      503  Redis unreachable (with Retry-After)
@@ -77,6 +78,14 @@ class UnknownJob(NotFound):
 
 class UnknownArtifact(NotFound):
     type = "unknown_artifact"
+
+
+class UnknownDataset(NotFound):
+    type = "unknown_dataset"
+
+
+class DatasetInUse(InspectorError):
+    type, status = "dataset_in_use", 409
 
 
 class BadParams(InspectorError):

@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from schemas.datasets import DATASET_REF_PATTERN
 from schemas.params import JobParams
 
 Solver = Literal["exact", "cg", "lissa", "arnoldi"]
@@ -35,6 +36,13 @@ class InfluenceParams(JobParams):
     chunk.
     """
 
+    training_set: str | None = Field(
+        None,
+        pattern=DATASET_REF_PATTERN,
+        description="the training set scored: an uploaded data set's id (ds_..., POST /v1/datasets; ImageFolder "
+        "or labels.csv, classes matching the model's labels) or model:train; null = the model's registered one "
+        "(or the request's training_set zip)",
+    )
     layers: list[str] | None = Field(
         None,
         min_length=1,

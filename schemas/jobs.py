@@ -66,6 +66,10 @@ class JobPayload(BaseModel):
     )
     files: dict[str, str] = Field(default_factory=dict, description="extra upload name -> sha256 id")
     params: dict[str, Any]
+    datasets: dict[str, str] = Field(
+        default_factory=dict,
+        description="uploaded data sets the params name: id -> sha256 of the zip (schemas.datasets.dataset_path_of)",
+    )
 
 
 class ClassScore(BaseModel):

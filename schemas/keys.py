@@ -86,5 +86,30 @@ def warm_key(worker_name: str) -> str:
     return f"{PREFIX}:warm:{worker_name}"
 
 
+def dataset_key(dataset_id: str) -> str:
+    """JSON ``schemas.datasets.StoredDataset`` of an uploaded data set (metadata only)."""
+    return f"{PREFIX}:dataset:{dataset_id}"
+
+
+def tenant_datasets_key(tenant: str) -> str:
+    """Set of the tenant's data set ids."""
+    return f"{PREFIX}:datasets:{tenant}"
+
+
+def dataset_jobs_key(dataset_id: str) -> str:
+    """Set of ids of jobs submitted with the data set (pruned of ended ones on delete)."""
+    return f"{PREFIX}:dataset-jobs:{dataset_id}"
+
+
+def dataset_blob_key(sha256: str) -> str:
+    """Set of the data set ids stored in the zip of this sha256 (the file goes with the last)."""
+    return f"{PREFIX}:dataset-blob:{sha256}"
+
+
+def dataset_lock_key(tenant: str) -> str:
+    """Held while a tenant's data sets change or a job takes a reference to one."""
+    return f"{PREFIX}:dataset-lock:{tenant}"
+
+
 STATS_KEY = f"{PREFIX}:stats"
 """Hash of counters workers increment: ``jobs:<kind>:<status>``, ``seconds:<kind>``."""

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from schemas.attribution import AttributionParams, CompareParams, OcclusionMapParams
+from schemas.attribution_batch import AttributionBatchParams
 from schemas.influence import InfluenceGroupsParams, InfluenceParams
 from schemas.params import SaliencyParams
 from schemas.settings import Settings
@@ -62,10 +63,11 @@ KINDS: dict[str, KindSpec] = {
         ),
         KindSpec("attribution", AttributionParams, "default", "Attribution map by any Captum method."),
         KindSpec("occlusion_map", OcclusionMapParams, "default", "Probability under a sliding occluder."),
-        KindSpec("compare", CompareParams, "default", "Several attribution methods: table and grid."),
+        KindSpec("compare", CompareParams, "default", "Several attribution methods: table and grid.", min_images=0),
         KindSpec("u_analysis", UAnalysisParams, "default", "U Analysis: regions replaced in order, U-triples.", files=("attribution",)),  # noqa: E501
         KindSpec("u_sweep", USweepParams, "low", "U Analysis over a data set x a grid: U occurrence.", min_images=0),
         KindSpec("influence", InfluenceParams, "low", "Layer-wise influence of training images (Koh & Liang 2017).", max_images=32, files=("training_set",)),  # noqa: E501
+        KindSpec("attribution_batch", AttributionBatchParams, "low", "One attribution method over a whole data set: maps.npy, per-image CSV.", min_images=0, max_images=0),  # noqa: E501
         KindSpec("influence_groups", InfluenceGroupsParams, "low", "Influence of disturbed image groups per layer (Aamir et al. 2023).", max_images=16, files=("training_set",)),  # noqa: E501
     ]
 }

@@ -32,6 +32,19 @@ class Settings(BaseSettings):
         256 * 1024 * 1024, gt=0, description="declared uncompressed size of an uploaded training set zip"
     )
 
+    # Data sets (/v1/datasets): zips stored under data_dir, which api and workers share
+    data_dir: Path = Field(Path("var/data"), description="uploaded data sets and data-set jobs' large artifacts")
+    max_dataset_bytes: int = Field(
+        4 * 1024**3, gt=0,
+        description="stored bytes of data sets per tenant: one larger upload is a 413, one that would pass the "
+        "tenant's total a 429",
+    )
+    max_datasets: int = Field(100, gt=0, description="data sets per tenant (429 above)")
+    max_dataset_images: int = Field(100_000, gt=0, description="images one data set zip may hold (413 above)")
+    max_dataset_uncompressed_bytes: int = Field(
+        16 * 1024**3, gt=0, description="declared uncompressed size of one data set zip (413 above)"
+    )
+
     job_timeout_s: int = Field(3600, gt=0, description="a job running longer is stopped and failed")
     job_memory_mb: int = Field(
         0, ge=0, description="a job growing its worker's resident memory by more is stopped and failed; 0 = no limit"

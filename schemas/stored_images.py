@@ -23,6 +23,29 @@ RAW_MAX_PIXELS = 4_000_000  # 12 MB raw; above it, PNG
 NPY_MAGIC = b"\x93NUMPY"
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded image as 8-bit RGB, as the API stores uploads: palette and grey as RGB,
+    alpha composited on white, 16-bit and 32-bit integer images scaled by their type's
+    range, float images clipped to [0, 1] (EXIF orientation is the caller's)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.uint16)
+        return Image.fromarray((arr >> 8).astype(np.uint8)).convert("RGB")
+    if img.mode == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        top = 65535 if arr.max(initial=0) <= 65535 else 2**31 - 1
+        return Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
 def encode_rgb(img: Image.Image) -> bytes:
     """Bytes to store for an RGB image (raw ``.npy`` or PNG, by size)."""
     if img.width * img.height <= RAW_MAX_PIXELS:

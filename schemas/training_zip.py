@@ -33,6 +33,8 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 from schemas.errors import BadParams, PayloadTooLarge
 
@@ -88,22 +90,26 @@ def _ignored(parts: list[str]) -> bool:
     return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts)
 
 
-def check_training_zip(
-    data: bytes, labels: list[str], max_images: int, max_uncompressed_bytes: int
-) -> ZipTrainingSet:
-    """Check an uploaded training set zip against the model's ``labels`` and the limits;
-    raises ``BadParams`` (422) or ``PayloadTooLarge`` (413). Reads the central directory
-    only: no member is decompressed."""
+def open_zip(data: bytes | str | Path | IO[bytes], what: str = UPLOAD_NAME) -> list[zipfile.ZipInfo]:
+    """The central directory of an uploaded zip (bytes, a path or a binary file); 422 when it
+    is not a readable zip."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
     except Exception as e:  # BadZipFile, and whatever a mangled central directory raises
-        raise BadParams(f"the training_set upload is not a readable zip file: {e}") from None
+        raise BadParams(f"the {what} upload is not a readable zip file: {e}") from None
     with archive:
-        infos = archive.infolist()
+        return archive.infolist()
+
+
+def check_members(
+    infos: list[zipfile.ZipInfo], max_images: int, max_uncompressed_bytes: int, what: str = UPLOAD_NAME
+) -> tuple[list[list[str]], int]:
+    """Check every member's name, encryption, compression and the declared total size;
+    returns the path parts of the files that count (not ignored) and the total size."""
     max_members = 2 * max_images + SPARE_MEMBERS
     if len(infos) > max_members:
         raise PayloadTooLarge(
-            f"the training_set zip has {len(infos)} members; the limit is {max_members}",
+            f"the {what} zip has {len(infos)} members; the limit is {max_members}",
             details={"limit": max_members},
         )
     total = 0
@@ -112,14 +118,14 @@ def check_training_zip(
         name = info.filename
         if _bad_name(name):
             raise BadParams(
-                f"training_set zip member {name!r} has an absolute path, a backslash or '..'",
+                f"{what} zip member {name!r} has an absolute path, a backslash or '..'",
                 details={"member": name},
             )
         if info.flag_bits & 0x1:
-            raise BadParams(f"training_set zip member {name!r} is encrypted", details={"member": name})
+            raise BadParams(f"{what} zip member {name!r} is encrypted", details={"member": name})
         if info.compress_type not in COMPRESSIONS:
             raise BadParams(
-                f"training_set zip member {name!r} uses compression method {info.compress_type}; "
+                f"{what} zip member {name!r} uses compression method {info.compress_type}; "
                 "use stored, deflate, bzip2 or lzma",
                 details={"member": name},
             )
@@ -129,16 +135,35 @@ def check_training_zip(
             files.append(parts)
     if total > max_uncompressed_bytes:
         raise PayloadTooLarge(
-            f"the training_set zip holds {total} bytes uncompressed; the limit is {max_uncompressed_bytes}",
+            f"the {what} zip holds {total} bytes uncompressed; the limit is {max_uncompressed_bytes}",
             details={"limit": max_uncompressed_bytes},
         )
+    return files, total
+
+
+def class_prefix(files: list[list[str]]) -> int:
+    """1 when one top-level folder wraps everything and holds no image of its own (a wrapper,
+    not a class), else 0."""
     images = [p for p in files if p[-1].lower().endswith(IMAGE_EXTENSIONS)]
-    # One top-level folder around everything, with no image of its own: a wrapper, not a class.
     tops = {p[0] for p in files}
-    if len(tops) == 1 and all(len(p) >= 3 for p in images) and any(len(p) > 1 for p in files):
-        prefix = 1
-    else:
-        prefix = 0
+    return int(len(tops) == 1 and all(len(p) >= 3 for p in images) and any(len(p) > 1 for p in files))
+
+
+def imagefolder_order(in_classes: list[list[str]], prefix: int) -> list[list[str]]:
+    """torchvision's make_dataset order: class folders by name, then directories, then files."""
+    return [r[3] for r in sorted((p[prefix], posixpath.join(*p[prefix:-1]), p[-1], p) for p in in_classes)]
+
+
+def check_training_zip(
+    data: bytes | str | Path | IO[bytes], labels: list[str], max_images: int, max_uncompressed_bytes: int
+) -> ZipTrainingSet:
+    """Check an uploaded training set zip against the model's ``labels`` and the limits;
+    raises ``BadParams`` (422) or ``PayloadTooLarge`` (413). Reads the central directory
+    only: no member is decompressed."""
+    infos = open_zip(data)
+    files, total = check_members(infos, max_images, max_uncompressed_bytes)
+    images = [p for p in files if p[-1].lower().endswith(IMAGE_EXTENSIONS)]
+    prefix = class_prefix(files)
     in_classes = [p for p in images if len(p) - prefix >= 2]
     classes = sorted({p[prefix] for p in files if len(p) - prefix >= 2})
     if not classes:
@@ -161,27 +186,24 @@ def check_training_zip(
             f"the training_set zip holds {len(in_classes)} images; the limit is {max_images}",
             details={"limit": max_images},
         )
-    # torchvision's make_dataset order: class folders by name, then directories, then files sorted.
-    rel = sorted(
-        (p[prefix], posixpath.join(*p[prefix:-1]), p[-1], "/".join(p)) for p in in_classes
-    )
-    members = _member_names(infos, {"/".join(p) for p in in_classes})
+    ordered = imagefolder_order(in_classes, prefix)
+    members = member_names(infos, {"/".join(p) for p in in_classes})
     return ZipTrainingSet(
-        members=[members[r[3]] for r in rel],
-        labels=[mapping[r[0]] for r in rel],
+        members=[members["/".join(p)] for p in ordered],
+        labels=[mapping[p[prefix]] for p in ordered],
         classes=mapping,
         uncompressed_bytes=total,
     )
 
 
-def _member_names(infos: list[zipfile.ZipInfo], wanted: set[str]) -> dict[str, str]:
+def member_names(infos: list[zipfile.ZipInfo], wanted: set[str], what: str = UPLOAD_NAME) -> dict[str, str]:
     """Normalised name (``a/./b`` -> ``a/b``) -> the member's name in the zip."""
     out: dict[str, str] = {}
     for info in infos:
         key = "/".join(p for p in info.filename.split("/") if p not in ("", "."))
         if key in wanted:
             if key in out:
-                raise BadParams(f"training_set zip has member {key!r} twice", details={"member": key})
+                raise BadParams(f"{what} zip has member {key!r} twice", details={"member": key})
             out[key] = info.filename
     return out
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.attribution import AttributionMethod, AttributionParams
+from schemas.datasets import DATASET_REF_PATTERN, DatasetParams
 from schemas.params import Aggregation, JobParams
 
 Order = Literal["decreasing", "increasing", "random"]
@@ -130,16 +131,18 @@ class UAnalysisParams(NoiseParams, JobParams):
         return self
 
 
-class USweepParams(NoiseParams, JobParams):
+class USweepParams(DatasetParams, NoiseParams, JobParams):
     """A data set x a grid of methods, orders, noises and window sizes; the U occurrence (%
     of images with at least one U-triple) per configuration and per hyperparameter value
     (the paper's Fig. 4). Defaults: the paper's grid, 10 x 3 x 6 x 5 = 900 configurations."""
 
-    dataset: Literal["test", "train", "uploaded"] = Field(
+    dataset: str = Field(  # type: ignore[assignment]
         "test",
-        description="the model's registered data set split, or the uploaded images (labels = target)",
+        pattern=rf"^(test|train|uploaded|{DATASET_REF_PATTERN.strip('^$')})$",
+        description="an uploaded data set's id (ds_..., POST /v1/datasets; labels = its classes, else the "
+        "predicted class), model:<split> (the model's registered data), 'uploaded' (the request's images, "
+        "labels = target); 'test' and 'train' = model:test and model:train",
     )
-    limit: int | None = Field(None, ge=1, description="use only the first `limit` images of the data set")
     methods: list[AttributionMethod] = Field(
         default_factory=lambda: paper_methods(),
         min_length=1,

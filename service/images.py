@@ -16,11 +16,10 @@ import io
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.errors import BadImage, PayloadTooLarge, UnsupportedMedia
-from schemas.stored_images import UPLOAD_FORMATS, encode_rgb
+from schemas.stored_images import UPLOAD_FORMATS, encode_rgb, to_rgb
 
 Image.MAX_IMAGE_PIXELS = None  # our own limit is applied before decoding, from settings
 
@@ -32,26 +31,6 @@ class DecodedImage:
     width: int
     height: int
     format: str
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(img, dtype=np.uint16)
-        return Image.fromarray((arr >> 8).astype(np.uint8)).convert("RGB")
-    if img.mode == "I":
-        arr = np.asarray(img, dtype=np.int64)
-        top = 65535 if arr.max(initial=0) <= 65535 else 2**31 - 1
-        return Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8)).convert("RGB")
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).convert("RGB")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, img).convert("RGB")
-    return img.convert("RGB")
 
 
 def _signature_of_upload_format(data: bytes) -> bool:
@@ -89,7 +68,7 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(img))
+            rgb = to_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, EOFError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None
     return DecodedImage(encode_rgb(rgb), hashlib.sha256(data).hexdigest(), rgb.width, rgb.height, fmt)

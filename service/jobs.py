@@ -19,6 +19,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from pydantic import BaseModel, ValidationError
@@ -185,6 +186,7 @@ class SubmitOptions:
     max_unfinished: int = 0  # the tenant's queue quota; 0 = none
     callback_url: str | None = None
     idempotency_key: str | None = None
+    datasets: dict[str, str] | None = None  # uploaded data sets the params name: id -> sha256 (service.datasets)
 
 
 def _retry_waits(settings: Settings) -> list[int]:
@@ -288,6 +290,7 @@ def _find_or_enqueue(
             inputs=inputs,
             files=file_ids,
             params=params.model_dump(mode="json"),
+            datasets=options.datasets or {},
         )
         job = queue(spec.queue, conn).enqueue(
             keys.RUN_JOB_FUNC,
@@ -415,13 +418,23 @@ def cancel(conn: Redis, job: Job) -> None:
         conn.set(keys.cancel_key(job.id), 1, ex=3600)
 
 
-def artifact(conn: Redis, job: Job, name: str) -> tuple[bytes, str] | None:
-    value = job.return_value() if job.get_status() == RQStatus.FINISHED else None
-    for a in (value or {}).get("artifacts", []):
+def artifact(conn: Redis, job: Job, name: str, data_dir: Path | None = None) -> tuple[bytes | Path, str] | None:
+    """An artifact's bytes (or, for a large one on the data volume, its path under
+    ``data_dir``) and media type; None when the job has no such artifact (any more)."""
+    for a in artifact_links(job):
         if a["name"] == name:
+            if "file" in a:
+                path = (data_dir or Path(".")) / a["file"]
+                return (path, a["media_type"]) if path.is_file() else None
             data = conn.get(keys.artifact_key(job.id, name))
             return (cast(bytes, data), a["media_type"]) if data is not None else None
     return None
+
+
+def artifact_links(job: Job) -> list[dict[str, Any]]:
+    """The finished job's artifacts as ``workers.tasks`` lists them (``file``: on the data volume)."""
+    value = job.return_value() if job.get_status() == RQStatus.FINISHED else None
+    return list((value or {}).get("artifacts", []))
 
 
 async def predict(

@@ -11,8 +11,8 @@ from service.deps import redis_for
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.openapi import ERRORS
-from service.routes import health, jobs, methods, models
-from service.uploads import BodySizeLimit, body_limit
+from service.routes import datasets, health, jobs, methods, models
+from service.uploads import BodySizeLimit, body_limit, dataset_body_limit
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -28,11 +28,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(lambda: redis_for(settings.redis_url, settings.redis_timeout_s))
     app.add_middleware(app.state.metrics.middleware)
     # Not FastAPI(max_body_size=...): its 413 is plain text, ours is the usual JSON error.
-    app.add_middleware(BodySizeLimit, limit=body_limit(settings))
+    app.add_middleware(
+        BodySizeLimit, limit=body_limit(settings), overrides={"/v1/datasets": dataset_body_limit(settings)}
+    )
     install_error_handlers(app)
     install_auth(app, settings)
     app.include_router(health.router)  # probes and metrics stay open
-    for r in (models.router, methods.router, jobs.router):
+    for r in (models.router, methods.router, jobs.router, datasets.router):
         app.include_router(r, dependencies=[Depends(authenticate)], responses={401: ERRORS[401]})
     return app
 

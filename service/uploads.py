@@ -54,24 +54,34 @@ def body_limit(settings: Settings) -> int:
     return settings.max_upload_bytes * settings.max_images_per_request * 4 // 3 + 1024 * 1024
 
 
+def dataset_body_limit(settings: Settings) -> int:
+    """Largest body of ``POST /v1/datasets``: a zip at the tenant's whole quota, plus room."""
+    return settings.max_dataset_bytes + 1024 * 1024
+
+
 class BodySizeLimit:
-    """ASGI middleware: a body over ``limit`` bytes is refused with 413 ``payload_too_large``:
-    at once when its Content-Length says so, else as soon as the bytes received pass it (a
-    chunked upload cannot fill the disk)."""
+    """ASGI middleware: a body over ``limit`` bytes (``overrides``: another limit for paths
+    under a prefix) is refused with 413 ``payload_too_large``: at once when its
+    Content-Length says so, else as soon as the bytes received pass it (a chunked upload
+    cannot fill the disk)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, overrides: dict[str, int] | None = None) -> None:
+        self.app, self.default, self.overrides = app, limit, overrides or {}
 
-    def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body is over the limit of {self.limit} bytes", details={"limit": self.limit})
+    def _limit(self, path: str) -> int:
+        return next((n for prefix, n in self.overrides.items() if path.startswith(prefix)), self.default)
+
+    def _error(self, limit: int) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body is over the limit of {limit} bytes", details={"limit": limit})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._limit(scope.get("path", ""))
         length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.limit:
-            await error_response(self._error())(scope, receive, send)
+        if length.isdigit() and int(length) > limit:
+            await error_response(self._error(limit))(scope, receive, send)
             return
         received, started = 0, False
 
@@ -80,8 +90,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise self._error()  # a route answers it; one that escapes is answered below
+                if received > limit:
+                    raise self._error(limit)  # a route answers it; one that escapes is answered below
             return message
 
         async def watched(message: Message) -> None:
@@ -95,7 +105,7 @@ class BodySizeLimit:
             over = e.subgroup(PayloadTooLarge) if isinstance(e, ExceptionGroup) else e
             if started or not isinstance(over, PayloadTooLarge | ExceptionGroup):
                 raise
-            await error_response(self._error())(scope, receive, send)
+            await error_response(self._error(limit))(scope, receive, send)
 
 
 def literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

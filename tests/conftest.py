@@ -148,6 +148,7 @@ def settings(redis_server: RedisServer, models_dir: Path):
         redis_url=redis_server.url,
         models_dir=models_dir,
         cache_dir=TEST_CACHE_DIR,
+        data_dir=ROOT / "var" / "test-data",
         device="cpu",
         predict_timeout_s=60,
         worker_heartbeat_s=1,

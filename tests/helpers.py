@@ -46,3 +46,26 @@ def submit(client, kind: str, images: list[bytes], model_id: str, params: dict |
     files = [("image", (f"{i}.png", b, "image/png")) for i, b in enumerate(images)]
     data = {"model_id": model_id, "params": json.dumps(params or {})}
     return client.post(f"/v1/jobs/{kind}?wait={wait}", files=files, data=data)
+
+
+def zip_of(members: dict[str, bytes], compression: int | None = None) -> bytes:
+    """A zip holding ``members`` (name -> bytes), deflated unless ``compression`` says."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if compression is None else compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def noise_images(n: int, size: int = 16, seed: int = 0) -> list[bytes]:
+    """``n`` different random RGB PNGs of ``size`` x ``size`` pixels."""
+    rng = np.random.default_rng(seed)
+    return [png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def upload_dataset(client, archive: bytes, name: str = "test-set", headers: dict[str, str] | None = None):
+    """``POST /v1/datasets`` of a zip as a raw body; returns the response."""
+    headers = {"Content-Type": "application/zip", **(headers or {})}
+    return client.post(f"/v1/datasets?name={name}", content=archive, headers=headers)

@@ -384,6 +384,33 @@ def test_k8s_env_probes_and_redis(k8s: list[dict[str, Any]]) -> None:
     assert _flag(args, "--appendonly") == "yes" and _flag(args, "--maxmemory-policy") == "noeviction"
 
 
+@needs_compose
+def test_api_and_workers_share_the_data_volume(base: dict[str, Any]) -> None:
+    """Uploaded data sets: the api writes them, workers read them and write maps.npy."""
+    for name in ("api", "worker"):
+        service = base["services"][name]
+        data_dir = str(settings_of(service["environment"]).data_dir)
+        assert _mounts(service).get(data_dir) == ("data", "rw"), f"{name} mounts the data volume at {data_dir}"
+    assert "data" in base["volumes"]
+
+
+def test_k8s_api_and_workers_share_a_read_write_many_data_claim(k8s: list[dict[str, Any]]) -> None:
+    claims = {d["metadata"]["name"]: d for d in k8s if d["kind"] == "PersistentVolumeClaim"}
+    assert claims["inspector-data"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    config = {d["metadata"]["name"]: d for d in k8s if d["kind"] == "ConfigMap"}["inspector-config"]["data"]
+    data_dir = str(settings_of(config).data_dir)
+    deployments = [d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] != "redis"]
+    assert len(deployments) >= 4  # the api and a worker per queue
+    for d in deployments:
+        spec = d["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        (c,) = spec["containers"]
+        mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+        assert data_dir in mounts and not mounts[data_dir].get("readOnly"), d["metadata"]["name"]
+        claim = volumes[mounts[data_dir]["name"]]["persistentVolumeClaim"]["claimName"]
+        assert claim == "inspector-data", d["metadata"]["name"]
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 

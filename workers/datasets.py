@@ -224,12 +224,23 @@ def _check_pixels(img: Image.Image, name: str, max_pixels: int) -> None:
         )
 
 
-def _member_bytes(archive: bytes, info: zipfile.ZipInfo, max_pixels: int) -> bytes:
-    """A zip member, streamed (``schemas.training_zip.iter_member``: stopped past its declared
-    size); once its first :data:`HEADER_BYTES` are in, the image header they hold is checked
+def _pieces(zf: zipfile.ZipFile, archive: bytes | Path, info: zipfile.ZipInfo) -> Iterator[bytes | memoryview]:
+    """Member ``info`` streamed: from bytes by ``schemas.training_zip.iter_member`` (stopped past
+    its declared size); from a stored data set's file (checked by the API when it was uploaded)
+    by zipfile's own reader, which also stops at the declared size and checks the CRC."""
+    if isinstance(archive, bytes):
+        yield from iter_member(archive, info)
+        return
+    with zf.open(info) as f:
+        while piece := f.read(HEADER_BYTES):
+            yield piece
+
+
+def _member_bytes(zf: zipfile.ZipFile, archive: bytes | Path, info: zipfile.ZipInfo, max_pixels: int) -> bytes:
+    """A zip member, streamed (:func:`_pieces`); once its first :data:`HEADER_BYTES` are in, the image header they hold is checked
     against ``max_pixels``, so an image over the limit is refused before the rest is read."""
     buf, looked = bytearray(), False
-    for piece in iter_member(archive, info):
+    for piece in _pieces(zf, archive, info):
         buf += piece
         if not looked and len(buf) >= HEADER_BYTES:
             looked = True
@@ -243,14 +254,15 @@ def _member_bytes(archive: bytes, info: zipfile.ZipInfo, max_pixels: int) -> byt
 
 
 def _read_zip_images(
-    archive: bytes, members: list[str], pre: Preprocessing, max_pixels: int | None = None
+    archive: bytes | Path, members: list[str], pre: Preprocessing, max_pixels: int | None = None
 ) -> tuple[torch.Tensor, list[np.ndarray]]:
     """Decode zip ``members`` in memory (nothing is extracted to disk) with the formats the API
     decodes, each checked against ``max_pixels`` (default: the settings') before decoding."""
     import warnings
 
-    from PIL import UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
+    from schemas.stored_images import to_rgb
     from workers.registry import preprocess
 
     if max_pixels is None:
@@ -258,16 +270,16 @@ def _read_zip_images(
 
         max_pixels = get_settings().max_image_pixels
     images = []
-    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+    with zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive) as zf:
         for name in members:
             try:
-                data = _member_bytes(archive, zf.getinfo(name), max_pixels)
+                data = _member_bytes(zf, archive, zf.getinfo(name), max_pixels)
                 with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as img:
                     _check_pixels(img, name, max_pixels)
                     with warnings.catch_warnings():
                         warnings.simplefilter("error", Image.DecompressionBombWarning)
                         img.load()
-                    images.append(img.copy())
+                    images.append(to_rgb(ImageOps.exif_transpose(img)))  # as the API stores uploads
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, NotImplementedError,
                     zipfile.BadZipFile, Image.DecompressionBombWarning) as e:
                 raise BadParams(

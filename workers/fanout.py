@@ -69,6 +69,9 @@ class ChunkBoard:
     def n_done(self) -> int:
         return int(self.conn.hlen(self.done))
 
+    def done_ids(self) -> list[int]:
+        return [int(x) for x in self.conn.hkeys(self.done)]
+
     def requeue_lost(self) -> None:
         """Put back chunks that are neither done, queued nor leased (their worker died)."""
         queued = {int(x) for x in self.conn.lrange(self.todo, 0, -1)}

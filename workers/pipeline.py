@@ -32,6 +32,8 @@ class JobContext:
     models_dir: Path
     files: dict[str, bytes] = field(default_factory=dict)  # extra uploads by name (KindSpec.files)
     job_id: str = ""
+    data_dir: Path = Path("var/data")  # settings.data_dir: data sets and data-set jobs' large artifacts
+    datasets: dict[str, Path] = field(default_factory=dict)  # uploaded data sets the params name: id -> zip
 
 
 def forward_in_chunks(model: LoadedModel, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:

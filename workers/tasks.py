@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -24,6 +25,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
 from schemas import keys
+from schemas.datasets import dataset_path_of
 from schemas.errors import BadParams, InspectorError, JobFailure
 from schemas.jobs import ClassScore, JobPayload, Prediction, PredictResponse
 from schemas.kinds import KINDS
@@ -84,12 +86,16 @@ def fetch_inputs(conn: Redis, ids: list[str]) -> list[bytes]:
     return cast(list[bytes], data)
 
 
-def _store(job: Job, artifacts: list[Artifact], ttl: int) -> None:
+def _store(job: Job, kind: str, artifacts: list[Artifact], ttl: int) -> None:
     with job.connection.pipeline() as pipe:
         for a in artifacts:
-            pipe.set(keys.artifact_key(job.id, a.name), a.data, ex=ttl)
+            if a.path is None:  # files on the data volume stay there
+                pipe.set(keys.artifact_key(job.id, a.name), a.data, ex=ttl)
         pipe.execute()
-    job.meta["progress"] = {"done": 1, "total": 1, "stage": "done"}
+    # A kind that counts its own units (PROGRESS_UNIT, e.g. images) ends at all of them done.
+    counted = hasattr(kind_module(kind), "PROGRESS_UNIT")
+    total = int((job.meta.get("progress") or {}).get("total") or 0) if counted else 0
+    job.meta["progress"] = {"done": total or 1, "total": total or 1, "stage": "done"}
     job.save_meta()
 
 
@@ -127,7 +133,11 @@ def _prepare(conn: Redis, p: JobPayload, job_id: str) -> tuple[BaseModel, list[b
         raise BadParams("invalid params", details=json.loads(e.json(include_url=False))) from None
     pngs = fetch_inputs(conn, p.inputs)
     files = dict(zip(p.files, fetch_inputs(conn, list(p.files.values())), strict=True))
-    return params, pngs, JobContext(settings.cache_dir, settings.models_dir, files, job_id=job_id)
+    datasets = {i: settings.data_dir / dataset_path_of(sha) for i, sha in p.datasets.items()}
+    context = JobContext(
+        settings.cache_dir, settings.models_dir, files, job_id=job_id, data_dir=settings.data_dir, datasets=datasets
+    )
+    return params, pngs, context
 
 
 def _board(conn: Redis, job_id: str, n_chunks: int) -> ChunkBoard:
@@ -165,12 +175,16 @@ def _run_chunked(
         q.enqueue(keys.HELP_JOB_FUNC, {"parent": job.id, **p.model_dump()}, job_timeout=job.timeout,
                   result_ttl=60, failure_ttl=get_settings().result_ttl_s)  # fmt: skip
 
+    # Progress in the kind's unit (e.g. images) when it says how many a chunk holds, else chunks.
+    units = [module.chunk_units(c) for c in chunks] if hasattr(module, "chunk_units") else [1] * len(chunks)
+    unit = getattr(module, "PROGRESS_UNIT", "chunks")
+
     def report() -> None:
-        progress(board.n_done(), len(chunks), "chunks")
+        progress(sum(units[i] for i in board.done_ids()), sum(units), unit)
 
     report()
     work_through(board, _chunk_runner(module, model, inputs, params, chunks, context, report), report)
-    progress(len(chunks), len(chunks), "aggregating")
+    progress(sum(units), sum(units), "aggregating")
     return with_regions(module.aggregate(model, inputs, params, board.results(), context), inputs)
 
 
@@ -220,7 +234,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
                 result = _run_chunked(job, p, params, pngs, context, progress)
             else:
                 result = execute(model_cache(), p.kind, p.model_id, p.model_version, pngs, params, progress, context)
-        through_outage(lambda: _store(job, result.artifacts, settings.result_ttl_s), outage_s, f"job {job.id} result")
+        store = partial(_store, job, p.kind, result.artifacts, settings.result_ttl_s)
+        through_outage(store, outage_s, f"job {job.id} result")
     except Exception as e:
         if not isinstance(e, InspectorError | JobCanceled):
             log.exception("job %s (%s) failed", job.id, p.kind)
@@ -230,10 +245,15 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         raise
     count = partial(_count, conn, p.kind, "finished", time.perf_counter() - t0)
     through_outage(count, outage_s, f"job {job.id} count")
-    return {
-        "summary": result.summary,
-        "artifacts": [{"name": a.name, "media_type": a.media_type, "size": len(a.data)} for a in result.artifacts],
-    }
+    return {"summary": result.summary, "artifacts": [_link(a, settings.data_dir) for a in result.artifacts]}
+
+
+def _link(a: Artifact, data_dir: Path) -> dict[str, Any]:
+    """An artifact as the job's result lists it; ``file``: its path under ``data_dir``."""
+    link: dict[str, Any] = {"name": a.name, "media_type": a.media_type, "size": a.size}
+    if a.path is not None:
+        link["file"] = a.path.relative_to(data_dir).as_posix()
+    return link
 
 
 def _note_cold_start(job: Job, seconds: float) -> None:

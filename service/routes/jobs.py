@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from sse_starlette.sse import EventSourceResponse
 
 from schemas.errors import BadParams, NotFound, UnknownArtifact
 from schemas.jobs import JobStatus, JobView
 from schemas.kinds import KINDS
-from service import jobs
+from service import datasets, jobs
 from service.auth import TenantDep
 from service.deps import MetricsDep, RedisDep, RegistryDep, SettingsDep
 from service.openapi import ERRORS, SUBMISSION_BODY
 from service.ratelimit import RateLimitDep, quota_of
 from service.uploads import check_callback_url, read_submission
+from service.zipstream import zip_stream
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 POLL_S = 0.05
@@ -69,10 +72,14 @@ async def submit(
     params = jobs.validate_params(spec, sub.params)
     jobs.check_request(spec, entry, params, len(sub.images), settings)
     await asyncio.to_thread(jobs.check_uploads, spec, entry, sub.files, settings, len(sub.images))
-    options = jobs.SubmitOptions(tenant.name, quota_of(tenant, settings), sub.callback_url, idempotency_key)
-    job, reused = await asyncio.to_thread(
-        jobs.submit, conn, settings, kind, entry, sub.images, params, sub.files, options
+    used = await asyncio.to_thread(
+        datasets.check_job, conn, registry, tenant.name, entry, params, len(sub.images), sub.files
     )
+    options = jobs.SubmitOptions(tenant.name, quota_of(tenant, settings), sub.callback_url, idempotency_key, used)
+    job, reused = await asyncio.to_thread(
+        datasets.submit_using, conn, tenant.name, used,
+        partial(jobs.submit, conn, settings, kind, entry, sub.images, params, sub.files, options),
+    )  # fmt: skip
     metrics.submitted.labels(kind, str(reused).lower()).inc()
     view = await _view(conn, job.id, tenant.name, settings.public_url, reused)
     deadline = asyncio.get_running_loop().time() + wait
@@ -117,13 +124,40 @@ async def job_events(job_id: str, conn: RedisDep, settings: SettingsDep, tenant:
     responses={200: {"content": {"image/png": {}, "application/x-npy": {}, "text/csv": {}}}, **ERRORS},
     response_class=Response,
 )
-async def get_artifact(job_id: str, name: str, conn: RedisDep, tenant: TenantDep) -> Response:
+async def get_artifact(job_id: str, name: str, conn: RedisDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     job = await asyncio.to_thread(jobs.fetch, conn, job_id, tenant.name)
-    found = await asyncio.to_thread(jobs.artifact, conn, job, name)
+    found = await asyncio.to_thread(jobs.artifact, conn, job, name, settings.data_dir)
     if found is None:
         raise UnknownArtifact(f"job {job_id!r} has no artifact {name!r}")
     data, media_type = found
-    return Response(data, media_type=media_type, headers={"Content-Disposition": f'inline; filename="{name}"'})
+    disposition = {"Content-Disposition": f'inline; filename="{name}"'}
+    if isinstance(data, Path):  # a large artifact on the data volume (data-set jobs' maps.npy)
+        return FileResponse(data, media_type=media_type, headers=disposition)
+    return Response(data, media_type=media_type, headers=disposition)
+
+
+@router.get(
+    "/{job_id}/download",
+    responses={200: {"content": {"application/zip": {}}}, **ERRORS},
+    response_class=StreamingResponse,
+)
+async def download(job_id: str, conn: RedisDep, settings: SettingsDep, tenant: TenantDep) -> StreamingResponse:
+    """Every artifact of a finished job (and ``result.json``, its summary) as one ``.zip``,
+    streamed: stored, not compressed, so a large ``maps.npy`` costs no CPU and no memory."""
+    job = await asyncio.to_thread(jobs.fetch, conn, job_id, tenant.name)
+    view = await asyncio.to_thread(jobs.view, job, conn, settings.public_url)
+    if view.status is not JobStatus.finished:
+        raise UnknownArtifact(f"job {job_id!r} is {view.status.value}: results are downloadable once it finished")
+    entries = [("result.json", view.model_dump_json(indent=2).encode())]
+    for link in await asyncio.to_thread(jobs.artifact_links, job):
+        found = await asyncio.to_thread(jobs.artifact, conn, job, link["name"], settings.data_dir)
+        if found is not None:
+            entries.append((link["name"], found[0]))
+    return StreamingResponse(
+        zip_stream(entries),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}.zip"'},
+    )
 
 
 @router.delete("/{job_id}", response_model=JobView, responses=ERRORS)

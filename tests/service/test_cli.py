@@ -3,34 +3,20 @@
 import json
 import subprocess
 import sys
-import time
 
-import httpx
+import numpy as np
 import pytest
 
-from tests.conftest import ROOT, free_port, settings_env
+from service.cli import main
+from tests.client.support import digits_folder, running_api
+from tests.conftest import ROOT, settings_env
 from tests.helpers import digit_png
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def api_url(settings, worker):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.main:app", "--port", str(port), "--log-level", "warning"],
-        env=settings_env(settings),
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with running_api(settings) as url:
+        yield url
 
 
 def inspector(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -59,3 +45,27 @@ def test_cli_predict_and_explain_save_artifacts(api_url, settings, tmp_path):
 
     bad = inspector("explain", "saliency", str(path), "--model", "nope", "--url", api_url, env=env)
     assert bad.returncode != 0 and "unknown_model" in bad.stderr
+
+
+def test_cli_datasets_upload_list_show_delete_and_explain_over_a_dataset(api_url, tmp_path, capsys):
+    """In-process (``main(argv)``, the same code as the console script) to spare interpreter starts."""
+
+    def cli(*args: str) -> str:
+        main([*args, "--url", api_url])
+        return capsys.readouterr().out
+
+    folder = digits_folder(tmp_path / "digits", 12)
+    info = json.loads(cli("datasets", "upload", str(folder), "--name", "cli-digits"))
+    assert info["images"] == 12 and info["name"] == "cli-digits"
+    assert any(info["id"] in line and "cli-digits" in line for line in cli("datasets", "list").splitlines())
+
+    params = json.dumps({"images_per_chunk": 6})
+    cli("explain", "attribution_batch", "--dataset", info["id"], "--model", "digits-cnn", "--params", params,
+        "--out", str(tmp_path / "out"))  # fmt: skip
+    assert np.load(tmp_path / "out" / "maps.npy").shape == (12, 8, 8)
+
+    assert sum(json.loads(cli("datasets", "show", info["id"]))["class_counts"].values()) == 12
+    cli("datasets", "delete", info["id"])
+    with pytest.raises(SystemExit) as gone:
+        cli("datasets", "show", info["id"])
+    assert "unknown_dataset" in str(gone.value.code)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -118,9 +119,17 @@ class Inputs:
 
 @dataclass
 class Artifact:
+    """A result file: ``data`` stored beside the job in Redis, or (``path``) a large file
+    already written to the data volume (``settings.data_dir``), served from there."""
+
     name: str
     data: bytes
     media_type: str
+    path: Path | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data) if self.path is None else self.path.stat().st_size
 
 
 @dataclass

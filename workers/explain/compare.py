@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from schemas.attribution import CompareParams
+from schemas.attribution import COMPARE_DATASET_IMAGES, CompareParams
 from schemas.attribution import _Method as MethodParams
 from schemas.errors import UnsupportedMethod
 from workers import render
+from workers.dataset_source import dataset_inputs
 from workers.explain.attribution import attribute, quality_scores
 from workers.explain.base import Artifact, Inputs, KindResult, LoadedModel, ProgressFn
 
@@ -80,7 +81,12 @@ def grid_png(displays: list[np.ndarray], labels: list[str], maps: dict[str, list
     return buf.getvalue()
 
 
-def run(model: LoadedModel, inputs: Inputs, params: CompareParams, progress: ProgressFn) -> KindResult:
+def run(
+    model: LoadedModel, inputs: Inputs, params: CompareParams, progress: ProgressFn, context: Any = None
+) -> KindResult:
+    """The methods on the request's images, or on the first ``limit`` images of ``dataset``."""
+    if params.dataset is not None:
+        inputs = dataset_inputs(model, params, context, COMPARE_DATASET_IMAGES)
     labels = method_labels(params.methods)
     rows: list[dict[str, Any]] = []
     maps: dict[str, list[np.ndarray]] = {}

@@ -1230,10 +1230,16 @@ def enforce_soundness(result: InfluenceScores, params: InfluenceParams) -> list[
             + f" for image(s) {b['images']}; scores are unreliable ({hint})" for b in bad]
 
 
-def resolve_training_set(model: LoadedModel, context: Any) -> TrainingSetData:
-    """The training set uploaded with the job (``context.files["training_set"]``, a zip:
-    ``workers.datasets.uploaded_training_set``) when there is one, else the model's registered
-    training set (``model_dir`` found through ``context.models_dir``)."""
+def resolve_training_set(model: LoadedModel, context: Any, ref: str | None = None) -> TrainingSetData:
+    """The data set named by the ``training_set`` param (``ref``, ``ds_...``:
+    ``workers.dataset_source.training_set_of``), else the training set uploaded with the job
+    (``context.files["training_set"]``, a zip: ``workers.datasets.uploaded_training_set``)
+    when there is one, else the model's registered training set (``model_dir`` found through
+    ``context.models_dir``; also ``ref`` ``model:train``)."""
+    if ref is not None and ref.startswith("ds_"):
+        from workers.dataset_source import training_set_of
+
+        return training_set_of(model, ref, context)
     uploaded = (getattr(context, "files", None) or {}).get(UPLOAD_NAME)
     if uploaded is not None:
         return uploaded_training_set(uploaded, model.manifest)
@@ -1259,7 +1265,7 @@ def run(
     ``class_means.npy`` ``(T, L + 1, K)``, and per image ``top_<i>.png`` (helpful / harmful
     training images per row) and ``layers_<i>.png`` (dendrogram + Pearson matrix, 2+ layers).
     """
-    train = resolve_training_set(model, context)
+    train = resolve_training_set(model, context, params.training_set)
     cache_dir = getattr(context, "cache_dir", None)
     result = compute_influence(model, train, inputs.images, inputs.targets, params, progress, gradient_store(cache_dir))
     warnings = enforce_soundness(result, params)

@@ -222,7 +222,7 @@ def run(
     ``image_layer_scores.npy`` ``(M, L + 1)`` (each image's average), ``group_layer_means.npy``
     ``(G, L + 1)``, ``curves.png`` (Fig. 9), ``groups_clustering.png`` (dendrogram and Pearson
     matrix of the groups, 2+ groups) and ``images.png`` (the test images by group)."""
-    train = resolve_training_set(model, context)
+    train = resolve_training_set(model, context, params.training_set)
     images, display, targets, names = build_groups(model, inputs, params)
     result = compute_influence(
         model, train, images, targets, params, progress, gradient_store(getattr(context, "cache_dir", None))

@@ -34,6 +34,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ import torch
 from schemas.errors import BadParams
 from schemas.u_analysis import USweepParams
 from workers import render
+from workers.dataset_source import DatasetSource, limited, open_source
 from workers.explain.base import Artifact, Inputs, KindResult, LoadedModel, ProgressFn, no_progress
 from workers.explain.u_analysis import (
     STREAM_ORDER,
@@ -57,6 +59,7 @@ from workers.explain.u_analysis import (
     rng_for,
     window_pixels,
 )
+from workers.pipeline import JobContext, forward_in_chunks
 
 HYPERPARAMETERS = ("method", "order", "noise", "window")
 PARTIAL_VERSION = 1
@@ -354,38 +357,57 @@ def aggregate_sweep(partials: list[dict[str, Any]], params: USweepParams) -> Kin
     return KindResult(summary, artifacts)
 
 
-def dataset(model: LoadedModel, params: USweepParams, inputs: Inputs | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The swept images ``(n, C, H, W)`` in model input space and their labels ``(n,)``:
-    the model's registered data set split, or the uploaded images with their targets."""
+def source(
+    model: LoadedModel, params: USweepParams, inputs: Inputs | None, context: JobContext | None = None
+) -> DatasetSource:
+    """The swept data set (its first ``limit`` images): an uploaded data set
+    (``workers.dataset_source``), the model's registered data, or the request's images with
+    their targets (``dataset='uploaded'``)."""
     if params.dataset == "uploaded":
         if inputs is None or len(inputs) == 0:
             raise BadParams("dataset='uploaded' needs images")
-        images, labels = inputs.images, inputs.targets
-    else:
-        ts = model.manifest.training_set
-        if ts is None or ts.kind != "builtin" or ts.name != "sklearn-digits":
-            raise BadParams(
-                f"model {model.id!r} has no built-in data set to sweep; upload images with labels "
-                "(dataset='uploaded', target = one label per image)"
-            )
-        from workers.models.digits import load_split
+        images, targets = inputs.images, inputs.targets.cpu().numpy().astype(np.int64)
 
-        x_tr, y_tr, x_te, y_te = load_split()
-        x, y = (x_te, y_te) if params.dataset == "test" else (x_tr, y_tr)
-        space = PixelSpace.of(model.manifest.preprocessing, 1)
-        images = space.to_model(torch.from_numpy(x)[:, None]).to(model.device)
-        labels = torch.from_numpy(y)
-    if params.limit is not None:
-        images, labels = images[: params.limit], labels[: params.limit]
+        def load(index: np.ndarray) -> tuple[torch.Tensor, list[np.ndarray]]:
+            return images[torch.from_numpy(index).to(images.device)], []
+
+        src = DatasetSource("uploaded", [f"upload/{i}" for i in range(len(targets))], targets, load)
+    else:
+        datasets, models_dir = (context.datasets, context.models_dir) if context is not None else ({}, Path())
+        src = open_source(model, params.dataset, datasets, models_dir)
+    return limited(src, params.limit)
+
+
+def chunk_data(model: LoadedModel, src: DatasetSource, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``start:stop`` ``(n, C, H, W)`` on the model's device and their labels ``(n,)``:
+    an image without a label (a flat data set) is swept for its predicted class."""
+    images, _ = src.load(start, stop)
+    images = images.to(model.device)
+    labels = torch.from_numpy(src.labels[start:stop].copy())
+    if (labels < 0).any():
+        predicted = forward_in_chunks(model, images).argmax(1).cpu()
+        labels = torch.where(labels >= 0, labels, predicted)
     return images, labels
 
 
-def run(model: LoadedModel, inputs: Inputs | None, params: USweepParams, progress: ProgressFn) -> KindResult:
+def dataset(
+    model: LoadedModel, params: USweepParams, inputs: Inputs | None, context: JobContext | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every swept image ``(n, C, H, W)`` in model input space and its label ``(n,)`` (for
+    small sets and tests; jobs read a chunk at a time)."""
+    src = source(model, params, inputs, context)
+    return chunk_data(model, src, 0, len(src))
+
+
+def run(
+    model: LoadedModel, inputs: Inputs | None, params: USweepParams, progress: ProgressFn,
+    context: JobContext | None = None,
+) -> KindResult:
     """The ``u_sweep`` kind in one process: every chunk of ``plan_sweep``, then
     ``aggregate_sweep``. ``inputs`` may be None (or empty) unless ``dataset='uploaded'``."""
     t0 = time.perf_counter()
-    images, labels = dataset(model, params, inputs)
-    chunks = plan_sweep(params, len(images))
+    src = source(model, params, inputs, context)
+    chunks = plan_sweep(params, len(src))
     partials = []
     for ch in chunks:
         s, m = ch["first_index"], ch["n_images"]
@@ -393,7 +415,8 @@ def run(model: LoadedModel, inputs: Inputs | None, params: USweepParams, progres
         def chunk_progress(done: int, total: int, stage: str, _k: int = ch["chunk"]) -> None:
             progress(done, total, f"chunk {_k + 1}/{len(chunks)}: {stage}")
 
-        partials.append(run_sweep_chunk(model, images[s : s + m], labels[s : s + m], params, chunk_progress, s))
+        images, labels = chunk_data(model, src, s, s + m)
+        partials.append(run_sweep_chunk(model, images, labels, params, chunk_progress, s))
     result = aggregate(model, inputs, params, partials)
     result.summary["runtime_s"] = round(time.perf_counter() - t0, 3)
     return result
@@ -402,10 +425,11 @@ def run(model: LoadedModel, inputs: Inputs | None, params: USweepParams, progres
 # --- the job machinery's chunked-kind interface (workers.fanout) ----------------------------
 
 
-def plan(model: LoadedModel, inputs: Inputs | None, params: USweepParams, context: Any = None) -> list[dict[str, int]]:
+def plan(
+    model: LoadedModel, inputs: Inputs | None, params: USweepParams, context: JobContext | None = None
+) -> list[dict[str, int]]:
     """``plan_sweep`` over the job's data set."""
-    images, _ = dataset(model, params, inputs)
-    return plan_sweep(params, len(images))
+    return plan_sweep(params, len(source(model, params, inputs, context)))
 
 
 def run_chunk(
@@ -414,12 +438,12 @@ def run_chunk(
     params: USweepParams,
     chunk: dict[str, int],
     progress: ProgressFn,
-    context: Any = None,
+    context: JobContext | None = None,
 ) -> dict[str, Any]:
-    """``run_sweep_chunk`` on the images of one chunk of ``plan``."""
-    images, labels = dataset(model, params, inputs)
+    """``run_sweep_chunk`` on the images of one chunk of ``plan`` (only they are read)."""
     s, m = chunk["first_index"], chunk["n_images"]
-    return run_sweep_chunk(model, images[s : s + m], labels[s : s + m], params, progress, s)
+    images, labels = chunk_data(model, source(model, params, inputs, context), s, s + m)
+    return run_sweep_chunk(model, images, labels, params, progress, s)
 
 
 def aggregate(
@@ -433,6 +457,8 @@ def aggregate(
 
 
 def _labels_source(params: USweepParams) -> str:
+    if params.dataset in ("test", "train") or params.dataset.startswith("model:"):
+        return f"{params.dataset.removeprefix('model:')} split"
     if params.dataset != "uploaded":
-        return f"{params.dataset} split"
+        return "the data set's classes (predicted class for images without one)"
     return "given (target)" if params.target is not None else "predicted (no target given)"
