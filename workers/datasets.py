@@ -224,7 +224,9 @@ def _check_pixels(img: Image.Image, name: str, max_pixels: int) -> None:
         )
 
 
-def _pieces(zf: zipfile.ZipFile, archive: bytes | Path, info: zipfile.ZipInfo) -> Iterator[bytes | memoryview]:
+def _pieces(
+    zf: zipfile.ZipFile, archive: bytes | Path, info: zipfile.ZipInfo
+) -> Iterator[bytes | memoryview]:
     """Member ``info`` streamed: from bytes by ``schemas.training_zip.iter_member`` (stopped past
     its declared size); from a stored data set's file (checked by the API when it was uploaded)
     by zipfile's own reader, which also stops at the declared size and checks the CRC."""
@@ -237,8 +239,9 @@ def _pieces(zf: zipfile.ZipFile, archive: bytes | Path, info: zipfile.ZipInfo) -
 
 
 def _member_bytes(zf: zipfile.ZipFile, archive: bytes | Path, info: zipfile.ZipInfo, max_pixels: int) -> bytes:
-    """A zip member, streamed (:func:`_pieces`); once its first :data:`HEADER_BYTES` are in, the image header they hold is checked
-    against ``max_pixels``, so an image over the limit is refused before the rest is read."""
+    """A zip member, streamed (:func:`_pieces`); once its first :data:`HEADER_BYTES` are in, the
+    image header they hold is checked against ``max_pixels``, so an image over the limit is
+    refused before the rest is read."""
     buf, looked = bytearray(), False
     for piece in _pieces(zf, archive, info):
         buf += piece
