@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from schemas.attribution import AttributionParams, CompareParams, OcclusionMapParams
 from schemas.influence import InfluenceGroupsParams, InfluenceParams
+from schemas.inspector import ReferenceMapParams, RobustnessParams, SignalParams
 from schemas.params import SaliencyParams
 from schemas.settings import Settings
 from schemas.u_analysis import UAnalysisParams, USweepParams
@@ -48,6 +49,8 @@ UPLOADS: dict[str, str] = {
     "training_set": "a zip of training images in ImageFolder layout, <class>/<image> (class folders named like "
     "the model's labels, or as many folders as labels in sorted order), used instead of the model's "
     "registered training set",
+    "signal_mask": "a mask PNG of the uploaded image's size, white (grey > 127) = signal; instead of 'region'",
+    "reference": "a reference map over the uploaded image: .npy or grey PNG of any size (e.g. 20x20 click counts)",
 }
 """What each extra upload (``KindSpec.files``) is, as ``GET /v1/methods`` describes it."""
 
@@ -66,6 +69,9 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("u_analysis", UAnalysisParams, "default", "U Analysis: regions replaced in order, U-triples.", files=("attribution",)),  # noqa: E501
         KindSpec("u_sweep", USweepParams, "low", "U Analysis over a data set x a grid: U occurrence.", min_images=0),
         KindSpec("influence", InfluenceParams, "low", "Layer-wise influence of training images (Koh & Liang 2017).", max_images=32, files=("training_set",)),  # noqa: E501
+        KindSpec("robustness", RobustnessParams, "default", "Model Inspector transforms: noises and shuffles, top-5 before/after.", files=("signal_mask",)),  # noqa: E501
+        KindSpec("signal", SignalParams, "default", "Signal vs context: map mass, fills, RFS, Top-K erasing.", max_images=1, files=("signal_mask",)),  # noqa: E501
+        KindSpec("reference_map", ReferenceMapParams, "default", "Agreement of a map with a reference map (e.g. human clicks).", max_images=1, files=("reference", "attribution")),  # noqa: E501
         KindSpec("influence_groups", InfluenceGroupsParams, "low", "Influence of disturbed image groups per layer (Aamir et al. 2023).", max_images=16, files=("training_set",)),  # noqa: E501
     ]
 }

@@ -80,14 +80,26 @@ def check_request(spec: KindSpec, entry: ModelEntry, params: BaseModel, n_images
         check(params, entry.manifest)
 
 
-def check_uploads(spec: KindSpec, entry: ModelEntry, files: dict[str, bytes], settings: Settings) -> None:
+def check_uploads(
+    spec: KindSpec,
+    entry: ModelEntry,
+    files: dict[str, bytes],
+    settings: Settings,
+    params: BaseModel | None = None,
+    sizes: list[tuple[int, int]] | None = None,
+) -> None:
     """Extra uploads whose structure can be checked without torch: a ``training_set`` zip
-    (``schemas.training_zip``: the worker runs the same check again)."""
+    (``schemas.training_zip``: the worker runs the same check again), and the params' own
+    ``check_uploads(manifest, files, sizes)`` (regions and masks against the images' sizes
+    ``(H, W)``, uploaded maps: :mod:`schemas.inspector`)."""
     data = files.get(UPLOAD_NAME) if UPLOAD_NAME in spec.files else None
     if data is not None:
         check_training_zip(
             data, entry.manifest.labels, settings.max_training_set_images, settings.max_training_set_uncompressed_bytes
         )
+    check = getattr(params, "check_uploads", None)
+    if check is not None:
+        check(entry.manifest, files, sizes or [])
 
 
 def _sha(data: bytes) -> str:

@@ -66,11 +66,13 @@ def load_inputs(model: LoadedModel, pngs: list[bytes], params: BaseModel) -> Inp
         empty = torch.zeros(0, c, h, w, device=model.device)
         probs = torch.zeros(0, model.num_classes, device=model.device)
         return Inputs(empty, [], torch.zeros(0, dtype=torch.long, device=model.device), probs)
-    x, display = preprocess([decode(b) for b in pngs], model.manifest.preprocessing)
+    decoded = [decode(b) for b in pngs]
+    x, display = preprocess(decoded, model.manifest.preprocessing)
     x = x.to(model.device)
     probs = forward_in_chunks(model, x).softmax(1)
     targets = resolve_targets(getattr(params, "target", None), probs)
-    return Inputs(images=x, display=display, targets=targets, probs=probs)
+    sizes = [(img.height, img.width) for img in decoded]
+    return Inputs(images=x, display=display, targets=targets, probs=probs, sizes=sizes)
 
 
 def kind_module(kind: str) -> Any:

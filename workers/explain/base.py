@@ -101,12 +101,15 @@ class Inputs:
              size before normalisation (what overlays are drawn on).
     targets: ``(N,)`` long tensor, the class explained for each image.
     probs:   ``(N, K)`` softmax probabilities of the unperturbed images.
+    sizes:   N ``(H0, W0)``, the uploaded images' sizes in pixels (regions given in their
+             pixels are mapped through the preprocessing: ``schemas.regions``).
     """
 
     images: torch.Tensor
     display: list[np.ndarray]
     targets: torch.Tensor
     probs: torch.Tensor
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
