@@ -198,7 +198,7 @@ class SignalParams(_WithRegion):
     blur_sigma: float = Field(0.05, gt=0, le=1, description="'blur' fill: sigma as a fraction of the input side")
     gaussian_std: float = Field(0.25, gt=0, le=2, description="'gaussian' fill: std in pixel space")
     rfs_sigma: float = Field(
-        0.25, gt=0, le=2, description="RFS: std of the Gaussian noise added to the foreground or background, pixel space"
+        0.25, gt=0, le=2, description="RFS: std of the Gaussian noise on the foreground or background, pixel space"
     )
     rfs_samples: int = Field(8, ge=1, le=256, description="RFS: noise draws per side (foreground, background)")
     erase_percents: list[float] = Field(
