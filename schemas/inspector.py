@@ -281,3 +281,171 @@ class ReferenceMapParams(JobParams):
                     f"{list(manifest.preprocessing.size)}",
                     details={"field": ATTRIBUTION},
                 )
+
+
+# --- adversarial and noise_images (papers/occlusion-gradcam-adversarial-noise, Exp. 2) ----------
+
+Attack = Literal["fgsm", "ifgsm", "mifgsm"]
+"""``fgsm``: one signed-gradient step of size epsilon (Goodfellow et al. 2015, the paper's
+attack); ``ifgsm``: ``steps`` steps of ``step_size``, each projected back into the epsilon ball
+(Kurakin et al. 2017); ``mifgsm``: I-FGSM on a momentum of L1-normalised gradients with decay
+``decay`` (Dong et al. 2018). The attacks of the paper's Appendix Table 1 (Xie et al. 2019)."""
+
+Dataset = Literal["test", "train", "uploaded"]
+"""The model's registered data set split (``test`` as ``u_sweep``: digits-cnn's 360 test
+images), or the uploaded images (labels: ``target``, one per image, else the predictions)."""
+
+
+def _check_dataset(dataset: Dataset | None, manifest: ModelManifest) -> None:
+    """A registered split is asked of a model that has one (422 naming ``dataset`` otherwise)."""
+    ts = manifest.training_set
+    if dataset in ("test", "train") and (ts is None or ts.kind != "builtin" or ts.name != "sklearn-digits"):
+        raise BadParams(
+            f"dataset={dataset!r}: model {manifest.id!r} has no built-in data set; upload images "
+            "(dataset='uploaded', target = one label per image)",
+            details={"field": "dataset"},
+        )
+
+
+def _check_image_count(kind: str, dataset: Dataset | None, n_images: int, images_needed: bool = True) -> None:
+    """Images are the job's inputs (no data set), its data set (``uploaded``), or absent (a
+    registered split; or a kind that makes its own images)."""
+    if (dataset in ("test", "train") or not images_needed) and n_images:
+        raise BadParams(f"{kind} takes no image with these params; got {n_images}", details={"field": "dataset"})
+    if images_needed and dataset in (None, "uploaded") and not n_images:
+        what = "dataset='uploaded' needs images" if dataset else "needs an image, or a dataset"
+        raise BadParams(f"{kind} {what}", details={"field": "dataset"})
+
+
+class AdversarialParams(JobParams):
+    """Adversarial images and what they do to each model (Exp. 2.1-2.2, Figs 3-5): the attack
+    is computed on the job's model; that model and every ``transfer_models`` entry predict
+    the original and the adversarial image, with Grad-CAM of both classes before and after.
+
+    Untargeted, the attack increases the cross-entropy of the job's ``target`` (default: the
+    predicted class, as the paper uses the classifier's own labels); with ``adv_target`` it
+    decreases the cross-entropy of that class. Each step is clipped to the epsilon ball
+    around the original and to ``[0, 1]``. The adversarial image is also written as an 8-bit
+    PNG (rounded, kept in the ball): fooling is reported for the float image and the PNG.
+
+    With ``dataset``: the success rate per model over the data set (``success.csv``) instead
+    of per-image maps."""
+
+    attack: Attack = Field("fgsm", description="fgsm (the paper's), ifgsm (iterative) or mifgsm (momentum)")
+    epsilon: float = Field(4.0, ge=0, le=255, description="L-inf budget in 1/255 of the pixel range (paper: 4)")
+    steps: int = Field(10, ge=1, le=1000, description="iterations of ifgsm and mifgsm (fgsm takes one)")
+    step_size: float | None = Field(
+        None, gt=0, le=255, description="per-iteration step in 1/255; null = epsilon / steps (Dong et al. 2018)"
+    )
+    decay: float = Field(1.0, ge=0, le=100, description="mifgsm's momentum decay mu (Dong et al. 2018: 1.0)")
+    adv_target: int | None = Field(None, ge=0, description="class to push every image to; null = untargeted")
+    random_start: bool = Field(
+        False, description="start from a uniform draw in the epsilon ball (Madry et al. 2018), seeded by seed"
+    )
+    transfer_models: list[str] = Field(
+        default_factory=list,
+        max_length=4,
+        description="models with the same labels that get the adversarial images too (transfer, Exp. 2.2); "
+        "their versions are part of the job's identity",
+    )
+    dataset: Dataset | None = Field(None, description="success rates over a data set instead of per-image maps")
+    limit: int | None = Field(None, ge=1, description="use only the first `limit` images of the data set")
+    gradcam: bool = Field(True, description="per-image mode: Grad-CAM of both classes before and after")
+    seed: int = Field(0, ge=0, description="seed of random_start")
+
+    @model_validator(mode="after")
+    def _distinct_models(self) -> AdversarialParams:
+        if len(set(self.transfer_models)) != len(self.transfer_models):
+            raise ValueError("transfer_models has duplicates")
+        return self
+
+    def other_models(self) -> list[str]:
+        """Models the job uses besides its own (``service.jobs.other_models``)."""
+        return list(self.transfer_models)
+
+    @staticmethod
+    def check_model(params: BaseModel, manifest: ModelManifest) -> None:
+        assert isinstance(params, AdversarialParams)
+        k = len(manifest.labels)
+        if params.adv_target is not None and params.adv_target >= k:
+            raise BadParams(f"adv_target {params.adv_target} is out of range: {manifest.id!r} has {k} classes",
+                            details={"field": "adv_target"})  # fmt: skip
+        if manifest.id in params.transfer_models:
+            raise BadParams(f"transfer_models names the job's own model {manifest.id!r}",
+                            details={"field": "transfer_models"})  # fmt: skip
+        _check_dataset(params.dataset, manifest)
+
+    @staticmethod
+    def check_other_model(params: BaseModel, manifest: ModelManifest, other: ModelManifest) -> None:
+        """A transfer model predicts the same classes (so "fooled" means the same thing)."""
+        if other.labels != manifest.labels:
+            raise BadParams(
+                f"transfer model {other.id!r} has other labels than {manifest.id!r} "
+                f"({len(other.labels)} vs {len(manifest.labels)} classes, or other names)",
+                details={"field": "transfer_models", "model": other.id},
+            )
+
+    @staticmethod
+    def check_inputs(params: BaseModel, n_images: int) -> None:
+        assert isinstance(params, AdversarialParams)
+        _check_image_count("adversarial", params.dataset, n_images)
+
+
+class NoiseImagesParams(JobParams):
+    """Noise images as inputs (Exp. 2.3, Fig. 6): the top-5 classes and the Grad-CAM of the
+    top class of each.
+
+    ``perlin``: ``count`` images of fractal Perlin noise (the procedural noise of Co et al.
+    2019): ``octaves`` octaves, the first of period ``scale`` px, each next one of half the
+    period and ``persistence`` times the amplitude; grey (the same on every channel) or per
+    channel. Image ``k`` is the same for a given seed whatever ``count`` is.
+
+    ``uap``: a universal adversarial perturbation (Moosavi-Dezfooli et al. 2017, Algorithm 1
+    with DeepFool's L-inf step) of L-inf norm ``xi``, computed on one part of ``dataset``, and
+    its fooling rate (the share of images whose prediction changes) on the held-out part. The
+    noise image is the perturbation as the paper shows it (``uap_image``)."""
+
+    noise: Literal["perlin", "uap"] = Field("perlin", description="perlin (procedural) or uap (universal perturbation)")
+    count: int = Field(4, ge=1, le=64, description="perlin: number of images")
+    scale: float | None = Field(
+        None, gt=0, le=4096, description="perlin: period of the first octave in px; null = a quarter of the side"
+    )
+    octaves: int = Field(4, ge=1, le=12, description="perlin: octaves (each halves the period)")
+    persistence: float = Field(0.5, gt=0, le=1, description="perlin: amplitude factor from one octave to the next")
+    sine_frequency: float | None = Field(
+        None, gt=0, le=256, description="perlin: colour map sin(2 pi f n) (Co et al.'s phi_sine); null = min-max"
+    )
+    color: bool = Field(False, description="perlin: independent noise per channel instead of grey")
+    dataset: Dataset | None = Field(None, description="uap: the images it is computed and tested on")
+    limit: int | None = Field(None, ge=1, description="uap: use only the first `limit` images of the data set")
+    holdout: float = Field(0.5, gt=0, lt=1, description="uap: share of the data set held out for the fooling rate")
+    xi: float = Field(10.0, gt=0, le=255, description="uap: L-inf norm in 1/255 (Moosavi-Dezfooli et al.: 10)")
+    delta: float = Field(
+        0.2, gt=0, lt=1, description="uap: stop once the fooling rate on the fitting part reaches 1 - delta (0.2)"
+    )
+    max_passes: int = Field(5, ge=1, le=100, description="uap: passes over the fitting part at most")
+    overshoot: float = Field(0.02, ge=0, le=1, description="uap: DeepFool's overshoot (DeepFool: 0.02)")
+    deepfool_steps: int = Field(50, ge=1, le=500, description="uap: DeepFool iterations per image (DeepFool: 50)")
+    candidates: int = Field(10, ge=2, le=1000, description="uap: classes DeepFool considers (DeepFool: the top 10)")
+    uap_image: Literal["scaled", "grey"] = Field(
+        "scaled",
+        description="uap: the noise image given to the model: 'scaled' (0.5 + v / (2 max|v|): the perturbation "
+        "as the papers show it) or 'grey' (mid-grey + v)",
+    )
+    seed: int = Field(0, ge=0, description="seed of the noise, of the held-out split and of the uap's image order")
+
+    @model_validator(mode="after")
+    def _uap_needs_data(self) -> NoiseImagesParams:
+        if self.noise == "uap" and self.dataset is None:
+            raise ValueError("dataset is required for noise='uap' (test, train or uploaded)")
+        return self
+
+    @staticmethod
+    def check_model(params: BaseModel, manifest: ModelManifest) -> None:
+        assert isinstance(params, NoiseImagesParams)
+        _check_dataset(params.dataset if params.noise == "uap" else None, manifest)
+
+    @staticmethod
+    def check_inputs(params: BaseModel, n_images: int) -> None:
+        assert isinstance(params, NoiseImagesParams)
+        _check_image_count("noise_images", params.dataset, n_images, images_needed=params.noise == "uap")

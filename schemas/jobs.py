@@ -63,6 +63,9 @@ class JobPayload(BaseModel):
     )
     files: dict[str, str] = Field(default_factory=dict, description="extra upload name -> sha256 id")
     params: dict[str, Any]
+    other_models: dict[str, str] = Field(
+        default_factory=dict, description="other models the job uses (e.g. transfer models) -> version submitted"
+    )
 
 
 class ClassScore(BaseModel):

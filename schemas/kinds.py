@@ -13,7 +13,13 @@ from pydantic import BaseModel
 
 from schemas.attribution import AttributionParams, CompareParams, OcclusionMapParams
 from schemas.influence import InfluenceGroupsParams, InfluenceParams
-from schemas.inspector import ReferenceMapParams, RobustnessParams, SignalParams
+from schemas.inspector import (
+    AdversarialParams,
+    NoiseImagesParams,
+    ReferenceMapParams,
+    RobustnessParams,
+    SignalParams,
+)
 from schemas.params import SaliencyParams
 from schemas.settings import Settings
 from schemas.u_analysis import UAnalysisParams, USweepParams
@@ -72,6 +78,8 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("robustness", RobustnessParams, "default", "Model Inspector transforms: noises and shuffles, top-5 before/after.", files=("signal_mask",)),  # noqa: E501
         KindSpec("signal", SignalParams, "default", "Signal vs context: map mass, fills, RFS, Top-K erasing.", max_images=1, files=("signal_mask",)),  # noqa: E501
         KindSpec("reference_map", ReferenceMapParams, "default", "Agreement of a map with a reference map (e.g. human clicks).", max_images=1, files=("reference", "attribution")),  # noqa: E501
+        KindSpec("adversarial", AdversarialParams, "default", "FGSM / I-FGSM / MI-FGSM images: predictions and Grad-CAM before and after, transfer, success rates.", min_images=0),  # noqa: E501
+        KindSpec("noise_images", NoiseImagesParams, "default", "Perlin noise and universal perturbations as inputs: top-5 and Grad-CAM.", min_images=0),  # noqa: E501
         KindSpec("influence_groups", InfluenceGroupsParams, "low", "Influence of disturbed image groups per layer (Aamir et al. 2023).", max_images=16, files=("training_set",)),  # noqa: E501
     ]
 }

@@ -31,6 +31,15 @@ class JobContext:
     models_dir: Path
     files: dict[str, bytes] = field(default_factory=dict)  # extra uploads by name (KindSpec.files)
     job_id: str = ""
+    other_models: dict[str, str] = field(default_factory=dict)  # id -> version submitted (JobPayload.other_models)
+    models: ModelCache | None = None  # the worker's cache, for other_model()
+
+    def other_model(self, model_id: str) -> LoadedModel:
+        """Another model the job uses, at the version it was submitted against (a changed
+        model is a 422, as for the job's own model)."""
+        if self.models is None:
+            raise BadParams(f"model {model_id!r}: this job has no model cache to load it from")
+        return self.models.get(model_id, self.other_models.get(model_id))
 
 
 def forward_in_chunks(model: LoadedModel, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
@@ -90,6 +99,8 @@ def execute(
     context: JobContext,
 ) -> KindResult:
     model = models.get(model_id, model_version)
+    if context.models is None:
+        context.models = models
     progress(0, 1, "preprocessing")
     inputs = load_inputs(model, pngs, params)
     run = kind_module(kind).run

@@ -91,6 +91,11 @@ def heatmap_png(map2d: np.ndarray, min_side: int = 224) -> bytes:
 def overlay_png(map2d: np.ndarray, image: np.ndarray, alpha: float = 0.55, min_side: int = 224) -> bytes:
     """The heatmap blended over ``image`` (``(H, W, 3)`` uint8), weighted by the map's magnitude
     so unimportant regions show the image itself."""
+    return png_bytes(overlay_rgb(map2d, image, alpha, min_side))
+
+
+def overlay_rgb(map2d: np.ndarray, image: np.ndarray, alpha: float = 0.55, min_side: int = 224) -> np.ndarray:
+    """:func:`overlay_png` as an ``(H', W', 3)`` uint8 array (upscaled to ``min_side``)."""
     h, w = image.shape[:2]
     k = max(1, -(-min_side // max(h, w)))
     size = (h * k, w * k)
@@ -99,7 +104,8 @@ def overlay_png(map2d: np.ndarray, image: np.ndarray, alpha: float = 0.55, min_s
     scaled, _ = normalise(map2d)
     weight = _fit((np.abs(scaled) * 255).astype(np.uint8)[..., None].repeat(3, 2), size)[..., :1] / 255.0
     out = base * (1 - alpha * weight) + colour * (alpha * weight)
-    return png_bytes(out.clip(0, 255).astype(np.uint8))
+    return out.clip(0, 255).astype(np.uint8)
+
 
 def figure_png(draw: Callable[[Any], None], size: tuple[float, float], dpi: int = 100) -> bytes:
     """A matplotlib figure of ``size`` inches drawn by ``draw(fig)``, as PNG (Agg, no pyplot)."""

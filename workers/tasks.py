@@ -127,7 +127,8 @@ def _prepare(conn: Redis, p: JobPayload, job_id: str) -> tuple[BaseModel, list[b
         raise BadParams("invalid params", details=json.loads(e.json(include_url=False))) from None
     pngs = fetch_inputs(conn, p.inputs)
     files = dict(zip(p.files, fetch_inputs(conn, list(p.files.values())), strict=True))
-    return params, pngs, JobContext(settings.cache_dir, settings.models_dir, files, job_id=job_id)
+    context = JobContext(settings.cache_dir, settings.models_dir, files, job_id=job_id, other_models=p.other_models)
+    return params, pngs, context
 
 
 def _board(conn: Redis, job_id: str, n_chunks: int) -> ChunkBoard:

@@ -68,11 +68,12 @@ async def submit(
     entry = registry.get(sub.model_id)
     params = jobs.validate_params(spec, sub.params)
     jobs.check_request(spec, entry, params, len(sub.images), settings)
+    others = jobs.other_models(spec, entry, params, registry)
     sizes = [(img.height, img.width) for img in sub.images]
     await asyncio.to_thread(jobs.check_uploads, spec, entry, sub.files, settings, params, sizes)
     options = jobs.SubmitOptions(tenant.name, quota_of(tenant, settings), sub.callback_url, idempotency_key)
     job, reused = await asyncio.to_thread(
-        jobs.submit, conn, settings, kind, entry, sub.images, params, sub.files, options
+        jobs.submit, conn, settings, kind, entry, sub.images, params, sub.files, options, others
     )
     metrics.submitted.labels(kind, str(reused).lower()).inc()
     view = await _view(conn, job.id, tenant.name, settings.public_url, reused)

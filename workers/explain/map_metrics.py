@@ -112,3 +112,27 @@ def agreement(a: np.ndarray, b: np.ndarray, fractions: tuple[float, ...] | list[
     for f in fractions:
         out[f"iou_top{round(100 * f):d}"] = top_iou(a, b, f)
     return out
+
+
+def centroid(a: np.ndarray) -> tuple[float, float] | None:
+    """``(row, col)`` in pixels of the centre of mass of the map's positive part (None if it
+    has none)."""
+    pos = np.clip(np.asarray(a, np.float64), 0, None)
+    total = float(pos.sum())
+    if total <= 0:
+        return None
+    rows, cols = np.indices(pos.shape)
+    return float((rows * pos).sum() / total), float((cols * pos).sum() / total)
+
+
+def shift(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """How map ``b`` moved from map ``a`` (the paper's attention shift, Figs 3-5): ``pearson``,
+    both ``centroid``s and the Euclidean ``centroid_shift_px`` between them (None where a map
+    has no positive mass)."""
+    c0, c1 = centroid(a), centroid(b)
+    return {
+        "pearson": pearson(a, b),
+        "centroid_before": None if c0 is None else [round(v, 3) for v in c0],
+        "centroid_after": None if c1 is None else [round(v, 3) for v in c1],
+        "centroid_shift_px": None if c0 is None or c1 is None else float(np.hypot(c1[0] - c0[0], c1[1] - c0[1])),
+    }

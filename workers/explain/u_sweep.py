@@ -34,7 +34,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -354,7 +354,17 @@ def aggregate_sweep(partials: list[dict[str, Any]], params: USweepParams) -> Kin
     return KindResult(summary, artifacts)
 
 
-def dataset(model: LoadedModel, params: USweepParams, inputs: Inputs | None) -> tuple[torch.Tensor, torch.Tensor]:
+class DatasetChoice(Protocol):
+    """Params naming a data set as ``u_sweep`` does (also ``adversarial``, ``noise_images``)."""
+
+    @property
+    def dataset(self) -> str | None: ...
+
+    @property
+    def limit(self) -> int | None: ...
+
+
+def dataset(model: LoadedModel, params: DatasetChoice, inputs: Inputs | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The swept images ``(n, C, H, W)`` in model input space and their labels ``(n,)``:
     the model's registered data set split, or the uploaded images with their targets."""
     if params.dataset == "uploaded":
