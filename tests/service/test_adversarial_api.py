@@ -16,20 +16,8 @@ from schemas.kinds import KINDS
 from schemas.manifests import ModelRegistry
 from service import jobs
 from service.images import decode_image
-from tests.helpers import digit_png, submit, wait_for
-
-
-def finished(client, r) -> dict:
-    assert r.status_code in (200, 202), r.text
-    view, _ = wait_for(client, r.json()["id"], timeout=240)
-    assert view["status"] == "finished", view
-    return view
-
-
-def artifact(client, view: dict, name: str) -> bytes:
-    r = client.get({a["name"]: a["url"] for a in view["artifacts"]}[name])
-    assert r.status_code == 200
-    return r.content
+from tests.helpers import digit_png, submit
+from tests.service.test_inspector_api import artifact, finished
 
 
 def post_json(client, kind: str, params: dict, model_id: str = "digits-cnn"):

@@ -122,7 +122,7 @@ def deepfool_linf(
         x = (u + (1 + overshoot) * r_tot)[None].expand(len(classes), -1, -1, -1).detach().requires_grad_(True)
         with torch.enable_grad():
             out = model.module(space.to_model(x))
-            picked = out[torch.arange(len(classes)), classes]
+            picked = out[torch.arange(len(classes), device=out.device), classes]
             (grads,) = torch.autograd.grad(picked.sum(), x)
         evals += len(classes)
         f = out[0].detach()
