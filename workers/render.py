@@ -58,9 +58,11 @@ def _colour(map2d: np.ndarray) -> np.ndarray:
     return (rgba[..., :3] * 255).astype(np.uint8)
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
+def png_bytes(rgb: np.ndarray, compress_level: int = 6) -> bytes:
+    """PNG of an ``(H, W, 3)`` uint8 image; ``compress_level`` 1 encodes noisy images several
+    times faster than Pillow's default 6, for a few per cent more bytes."""
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
@@ -147,7 +149,7 @@ def montage_png(images: list[np.ndarray], titles: list[str], cols: int = 6, side
         tile = Image.fromarray(_fit(img, (max(1, round(h * s)), max(1, round(w * s)))))
         sheet.paste(tile, (c * side, r * (side + head) + head))
         draw.text((c * side + 2, r * (side + head) + 1), title[: side // 6], fill=(0, 0, 0))
-    return png_bytes(np.asarray(sheet))
+    return png_bytes(np.asarray(sheet), compress_level=1)
 
 
 def top_bars_png(

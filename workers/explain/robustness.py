@@ -185,7 +185,7 @@ def _artifacts(
     for i, batch in enumerate(batches):
         shown = [space.to_uint8(b) for b in batch]
         for t, img in zip(transforms, shown, strict=True):
-            artifacts.append(Artifact(f"{i}-{t.key}.png", render.png_bytes(img), "image/png"))
+            artifacts.append(Artifact(f"{i}-{t.key}.png", render.png_bytes(img, compress_level=1), "image/png"))
         info = images[i]
         titles = [f"original: {info['original']['predicted_label'][:18]}"] + [
             f"{t.key}: {r['predicted_label'][:14]} {r['target_probability']:.2f}"
