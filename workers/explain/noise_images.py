@@ -223,15 +223,21 @@ def describe(
     progress(0, 1, "gradcam")
     maps = gradcam_maps(model, x, top.to(model.device), batch_size=params.batch_size)
     labels = model.manifest.labels
-    rows, artifacts, tiles, titles = [], [], [], []
+    rows: list[dict[str, Any]] = []
+    artifacts: list[Artifact] = []
+    tiles: list[np.ndarray] = []
+    titles: list[str] = []
+    table: list[list[Any]] = []
     for k in range(len(u)):
         shown = space.to_uint8(u[k])
         m = maps[k]
         peak = float(m.max())
         c = map_metrics.centroid(m)
+        top5 = top_k(probs[k], labels)
+        table += [[k, rank, t["index"], t["label"], round(t["probability"], 6)] for rank, t in enumerate(top5, 1)]
         rows.append({
             "index": k,
-            "top5": top_k(probs[k], labels),
+            "top5": top5,
             "gradcam": {
                 "class": int(top[k]),
                 "centroid": None if c is None else [round(v, 3) for v in c],
@@ -246,8 +252,6 @@ def describe(
         tiles += [shown, render.overlay_rgb(m, shown)]
         titles += [f"noise {k}", f"{labels[int(top[k])][:22]} {float(probs[k, top[k]]):.2f}"]
     artifacts.append(Artifact("noise.png", render.montage_png(tiles, titles, cols=4, side=224), "image/png"))
-    table = [[r["index"], rank, t["index"], t["label"], round(t["probability"], 6)]
-             for r in rows for rank, t in enumerate(r["top5"], 1)]  # fmt: skip
     artifacts.append(Artifact("noise.csv", render.csv_bytes(["image", "rank", "class", "label", "probability"], table),
                               "text/csv"))  # fmt: skip
     return rows, artifacts
