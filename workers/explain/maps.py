@@ -1,5 +1,6 @@
 """2-D explanation maps for the Model Inspector kinds, through the ``attribution`` kind's own
-code (:func:`workers.explain.attribution.attribute`: Captum's methods, batched on
+code (:func:`workers.explain.attribution.attribute` through
+:func:`workers.explain.u_analysis.compute_attribution`: Captum's methods, batched on
 ``model.module``): any method as ``(N, H, W)`` maps, and Grad-CAM (the default map of
 ``signal``, ``reference_map`` and the adversarial kinds) by name.
 """
@@ -13,8 +14,8 @@ import torch
 
 from schemas.attribution import AttributionParams
 from workers import render
-from workers.explain.attribution import attribute
 from workers.explain.base import LoadedModel, ProgressFn, no_progress
+from workers.explain.u_analysis import compute_attribution
 
 
 def attribution_maps(
@@ -30,9 +31,7 @@ def attribution_maps(
     by the method's ``aggregation``. The job's ``batch_size``, when set, is the chunk size."""
     if isinstance(method, dict):
         method = AttributionParams.model_validate(method)
-    if batch_size is not None:
-        method = method.model_copy(update={"batch_size": batch_size})
-    attr = attribute(model, images, targets, method, progress)
+    attr = compute_attribution(model, images, targets, method, progress, batch_size)
     return np.stack([render.to_2d(a, method.aggregation) for a in attr]) if len(attr) else np.zeros((0,))
 
 
