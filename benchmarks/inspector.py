@@ -80,11 +80,71 @@ def _signal(b: Bench, whole_job: bool) -> Timing:
     return Timing(seconds, ev["forward"], ev["backward"])
 
 
+_PHOTOS: dict[str, Any] = {}
+
+
+def _photos8(b: Bench) -> Any:
+    """Eight photos bundled with scikit-image (the cat first) as the model's ``Inputs``."""
+    if b.model.id not in _PHOTOS:
+        from benchmarks.attributions import photos
+        from workers.explain.base import Inputs
+        from workers.pipeline import forward_in_chunks
+        from workers.registry import preprocess
+
+        x, display = preprocess(photos(8), b.model.manifest.preprocessing)
+        x = x.to(b.model.device)
+        probs = forward_in_chunks(b.model, x).float().softmax(1)
+        _PHOTOS[b.model.id] = Inputs(x, display, probs.argmax(1), probs)
+    return _PHOTOS[b.model.id]
+
+
+def _adversarial(b: Bench, attack: str, whole_job: bool) -> Timing:
+    """``adversarial`` on 8 photos: the attack alone (forward+backward per image and step), or
+    the whole job (the attack, the float and 8-bit images' forwards, and Grad-CAM of both
+    classes before and after, counted as forward+backward evaluations each)."""
+    from schemas.inspector import AdversarialParams
+    from workers.explain import adversarial
+    from workers.explain.base import no_progress
+
+    inputs = _photos8(b)
+    params = AdversarialParams(attack=attack, steps=10)
+    t0 = time.perf_counter()
+    if not whole_job:
+        adversarial.attack(b.model, inputs.images, inputs.targets, params)
+        seconds = time.perf_counter() - t0
+        _paired(b, inputs.images, adversarial.n_steps(params), seconds)
+        return Timing(seconds, 0, len(inputs) * adversarial.n_steps(params))
+    result = adversarial.run(b.model, inputs, params, no_progress)
+    ev = result.summary["evaluations"]
+    backward = ev["attack_forward_backward"] + ev["gradcam_forward_backward"]
+    return Timing(time.perf_counter() - t0, ev["forward"], backward)
+
+
+def _paired(b: Bench, x: Any, steps: int, seconds: float) -> None:
+    """The attack's forward+backward passes alone (same chunks), timed right after it: on a
+    shared machine the load drifts between the throughput measurement and the case, and this
+    isolates what the attack adds to its evaluations."""
+    from workers.engine import eager_grad_pass
+
+    grad, chunk = eager_grad_pass(b.model.module), b.model.grad_batch_size
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for s in range(0, len(x), chunk):
+            grad(x[s : s + chunk])
+    raw = time.perf_counter() - t0
+    print(f"  paired: {seconds:.3f} s vs {raw:.3f} s for its passes alone (chunks of {chunk}): "
+          f"{seconds / raw:.2f}x", flush=True)  # fmt: skip
+
+
 CASES: dict[str, Callable[[Bench], Timing]] = {
     "robustness": lambda b: _robustness(b, whole_job=False),
     "signal": lambda b: _signal(b, whole_job=False),
     "robustness-job": lambda b: _robustness(b, whole_job=True),
     "signal-job": lambda b: _signal(b, whole_job=True),
+    "fgsm-8": lambda b: _adversarial(b, "fgsm", whole_job=False),
+    "ifgsm10-8": lambda b: _adversarial(b, "ifgsm", whole_job=False),
+    "fgsm-8-job": lambda b: _adversarial(b, "fgsm", whole_job=True),
+    "ifgsm10-8-job": lambda b: _adversarial(b, "ifgsm", whole_job=True),
 }
 """Named cases; each runs one job and returns its seconds and model evaluations."""
 
