@@ -57,6 +57,9 @@ class _WithRegion(JobParams):
     def check_uploads(self, manifest: ModelManifest, files: dict[str, bytes], sizes: list[tuple[int, int]]) -> None:
         """``sizes``: ``(H0, W0)`` of each uploaded image."""
         if not self.needs_region():
+            if SIGNAL_MASK in files:
+                raise BadParams("a signal_mask is used only with apply_to 'background' or 'signal'",
+                                details={"field": SIGNAL_MASK})  # fmt: skip
             return
         if self.region is not None and SIGNAL_MASK in files:
             raise BadParams("give region or a signal_mask upload, not both", details={"field": "region"})

@@ -76,15 +76,15 @@ def test_reference_map_end_to_end(client) -> None:
     Image.open(io.BytesIO(artifact(client, view, "0-side_by_side.png"))).verify()
 
 
+MASK = np.zeros((8, 8), np.uint8)
+MASK[2:5, 2:5] = 255
+
+
 def error(r, status: int, type_: str = "bad_params") -> dict:
     assert r.status_code == status, r.text
     body = r.json()["error"]
     assert body["type"] == type_ and body["message"]
     return body
-
-
-MASK = np.zeros((8, 8), np.uint8)
-MASK[2:5, 2:5] = 255
 
 
 @pytest.mark.parametrize(
@@ -94,6 +94,7 @@ MASK[2:5, 2:5] = 255
         ("robustness", {"transforms": [{"name": "shot_noise", "severity": 6}]}, None, "severity"),
         ("robustness", {"transforms": [{"name": "patch_shuffle", "severity": 4}]}, None, "transforms.0.severity"),
         ("robustness", {"apply_to": "background"}, None, "region"),
+        ("robustness", {}, {"signal_mask": png(MASK)}, "signal_mask"),
         ("signal", {"region": {"polygon": [[0, 0], [5, 5]]}}, None, "region"),
         ("signal", {"region": {"rect": [4, 4, 4, 6]}}, None, "region"),
         ("signal", {"region": {"rect": [20, 20, 30, 30]}}, None, "region"),

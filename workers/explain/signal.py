@@ -191,6 +191,7 @@ def run(
         mask = masks[i].numpy()
         images.append({
             "index": i, "target": target, "label": labels[target], "probability": float(inputs.probs[i, target]),
+            "original": _pred(inputs.probs[i].float(), target, labels, 5),
             "region": {"pixels": int(mask.sum()), "fraction": float(mask.mean())},
             "map": {"method": params.attribution.method, **mass_inside(maps[i], mask)},
             **parts,
