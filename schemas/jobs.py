@@ -70,6 +70,9 @@ class JobPayload(BaseModel):
         default_factory=dict,
         description="uploaded data sets the params name: id -> sha256 of the zip (schemas.datasets.dataset_path_of)",
     )
+    other_models: dict[str, str] = Field(
+        default_factory=dict, description="other models the job uses (e.g. transfer models) -> version submitted"
+    )
 
 
 class ClassScore(BaseModel):

@@ -14,6 +14,13 @@ from pydantic import BaseModel
 from schemas.attribution import AttributionParams, CompareParams, OcclusionMapParams
 from schemas.attribution_batch import AttributionBatchParams
 from schemas.influence import InfluenceGroupsParams, InfluenceParams
+from schemas.inspector import (
+    AdversarialParams,
+    NoiseImagesParams,
+    ReferenceMapParams,
+    RobustnessParams,
+    SignalParams,
+)
 from schemas.params import SaliencyParams
 from schemas.settings import Settings
 from schemas.u_analysis import UAnalysisParams, USweepParams
@@ -49,6 +56,8 @@ UPLOADS: dict[str, str] = {
     "training_set": "a zip of training images in ImageFolder layout, <class>/<image> (class folders named like "
     "the model's labels, or as many folders as labels in sorted order), used instead of the model's "
     "registered training set",
+    "signal_mask": "a mask PNG of the uploaded image's size, white (grey > 127) = signal; instead of 'region'",
+    "reference": "a reference map over the uploaded image: .npy or grey PNG of any size (e.g. 20x20 click counts)",
 }
 """What each extra upload (``KindSpec.files``) is, as ``GET /v1/methods`` describes it."""
 
@@ -68,6 +77,11 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("u_sweep", USweepParams, "low", "U Analysis over a data set x a grid: U occurrence.", min_images=0),
         KindSpec("influence", InfluenceParams, "low", "Layer-wise influence of training images (Koh & Liang 2017).", max_images=32, files=("training_set",)),  # noqa: E501
         KindSpec("attribution_batch", AttributionBatchParams, "low", "One attribution method over a whole data set: maps.npy, per-image CSV.", min_images=0, max_images=0),  # noqa: E501
+        KindSpec("robustness", RobustnessParams, "default", "Model Inspector transforms: noises and shuffles, top-5 before/after.", files=("signal_mask",)),  # noqa: E501
+        KindSpec("signal", SignalParams, "default", "Signal vs context: map mass, fills, RFS, Top-K erasing.", max_images=1, files=("signal_mask",)),  # noqa: E501
+        KindSpec("reference_map", ReferenceMapParams, "default", "Agreement of a map with a reference map (e.g. human clicks).", max_images=1, files=("reference", "attribution")),  # noqa: E501
+        KindSpec("adversarial", AdversarialParams, "default", "FGSM / I-FGSM / MI-FGSM images: predictions and Grad-CAM before and after, transfer, success rates.", min_images=0),  # noqa: E501
+        KindSpec("noise_images", NoiseImagesParams, "default", "Perlin noise and universal perturbations as inputs: top-5 and Grad-CAM.", min_images=0),  # noqa: E501
         KindSpec("influence_groups", InfluenceGroupsParams, "low", "Influence of disturbed image groups per layer (Aamir et al. 2023).", max_images=16, files=("training_set",)),  # noqa: E501
     ]
 }

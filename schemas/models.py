@@ -42,6 +42,27 @@ class Preprocessing(BaseModel):
     std: list[float] = Field(default_factory=lambda: [1.0, 1.0, 1.0])
 
 
+def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)``: the region of a ``width`` x ``height`` upload that
+    ``pre`` turns into the model's input (the whole image for ``stretch``).
+
+    ``shorter_side_center_crop``: the centred region of the input's aspect ratio whose shorter
+    side is ``crop_fraction`` of the upload's (the largest such region times the fraction),
+    offsets rounded as TensorFlow's EfficientNet evaluation does them
+    (``crop = int(f * min(H, W))``, ``offset = (H - crop + 1) // 2``, with ``f = S / (S + 32)``).
+    """
+    if pre.resize == "stretch":
+        return 0, 0, width, height
+    h, w = pre.size
+    f = pre.crop_fraction
+    if h == w:  # the exact integer arithmetic of the reference, no float ratio in between
+        cw = ch = int(f * min(width, height))
+    else:
+        cw, ch = int(f * min(width, height * w / h)), int(f * min(height, width * h / w))
+    cw, ch = max(1, cw), max(1, ch)
+    left, top = (width - cw + 1) // 2, (height - ch + 1) // 2
+    return left, top, left + cw, top + ch
+
 class TrainingSet(BaseModel):
     """A training set registered with a model (for influence functions and sweeps)."""
 

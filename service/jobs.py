@@ -36,7 +36,7 @@ from schemas import keys
 from schemas.errors import BadParams, ErrorBody, IdempotencyKeyReused, InspectorError, NoWorker, UnknownJob
 from schemas.jobs import ArtifactLink, JobPayload, JobStatus, JobView, PredictResponse, Progress
 from schemas.kinds import KINDS, KindSpec, budgets
-from schemas.manifests import ModelEntry
+from schemas.manifests import ModelEntry, ModelRegistry
 from schemas.npy_upload import attribution_map
 from schemas.settings import Settings
 from schemas.training_zip import UPLOAD_NAME, check_training_zip
@@ -80,15 +80,43 @@ def check_request(spec: KindSpec, entry: ModelEntry, params: BaseModel, n_images
     check = getattr(spec.params, "check_model", None)
     if check is not None:
         check(params, entry.manifest)
+    check_inputs = getattr(spec.params, "check_inputs", None)
+    if check_inputs is not None:  # kinds whose images are optional (min_images 0) say when they are needed
+        check_inputs(params, n_images)
+
+
+def other_models(spec: KindSpec, entry: ModelEntry, params: BaseModel, registry: ModelRegistry) -> dict[str, str]:
+    """``{model id: version}`` of the models a job uses besides its own (the params'
+    ``other_models()``, e.g. ``adversarial``'s transfer models): each must exist (404
+    ``unknown_model``) and fit the job's model (the params' ``check_other_model``, 422). Their
+    versions enter the job's identity and payload, so the worker runs the versions submitted."""
+    names = getattr(params, "other_models", None)
+    if names is None:
+        return {}
+    check = getattr(spec.params, "check_other_model", None)
+    out = {}
+    for model_id in names():
+        other = registry.get(model_id)
+        if check is not None:
+            check(params, entry.manifest, other.manifest)
+        out[model_id] = other.version
+    return out
 
 
 def check_uploads(
-    spec: KindSpec, entry: ModelEntry, files: dict[str, bytes], settings: Settings, n_images: int
+    spec: KindSpec,
+    entry: ModelEntry,
+    files: dict[str, bytes],
+    settings: Settings,
+    n_images: int,
+    params: BaseModel | None = None,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> None:
     """Extra uploads whose structure can be checked without torch, with the code the worker
     runs again: a ``training_set`` zip (``schemas.training_zip``), an ``attribution`` map
     (``schemas.npy_upload``: header, dtype, shape against the model's input and ``n_images``,
-    byte count, finiteness)."""
+    byte count, finiteness), and the params' own ``check_uploads(manifest, files, sizes)``
+    (regions and masks against the images' sizes ``(H, W)``: :mod:`schemas.inspector`)."""
     data = files.get(UPLOAD_NAME) if UPLOAD_NAME in spec.files else None
     if data is not None:
         check_training_zip(
@@ -98,6 +126,9 @@ def check_uploads(
     if attribution is not None:
         pre = entry.manifest.preprocessing
         attribution_map(attribution, n_images, 1 if pre.mode == "L" else 3, pre.size)
+    check = getattr(params, "check_uploads", None)
+    if check is not None:
+        check(entry.manifest, files, sizes or [])
 
 
 def _sha(data: bytes) -> str:
@@ -116,9 +147,12 @@ def job_id_for(
     params: BaseModel,
     files: dict[str, bytes],
     tenant: str = ANONYMOUS,
+    others: dict[str, str] | None = None,
 ) -> str:
+    extra = {"other_models": others} if others else {}  # absent when none: other kinds' ids unchanged
     canonical = json.dumps(
         {
+            **extra,
             "tenant": tenant,
             "kind": kind,
             "model": entry.manifest.id,
@@ -237,15 +271,18 @@ def submit(
     params: BaseModel,
     files: dict[str, bytes] | None = None,
     options: SubmitOptions | None = None,
+    others: dict[str, str] | None = None,
 ) -> tuple[Job, bool]:
-    """Enqueue (or find) the job; returns it and whether an earlier job was reused."""
+    """Enqueue (or find) the job; returns it and whether an earlier job was reused.
+    ``others``: versions of the other models it uses (:func:`other_models`)."""
     files = files or {}
     options = options or SubmitOptions()
-    job_id = job_id_for(kind, entry, images, params, files, options.tenant)
+    others = others or {}
+    job_id = job_id_for(kind, entry, images, params, files, options.tenant, others)
     job = _idempotent_job(conn, options, job_id)
     reused = job is not None
     if job is None:
-        job, reused = _find_or_enqueue(conn, settings, kind, entry, images, params, files, options, job_id)
+        job, reused = _find_or_enqueue(conn, settings, kind, entry, images, params, files, options, job_id, others)
     if options.idempotency_key:
         ikey = keys.idempotency_key(options.tenant, _sha(options.idempotency_key.encode()))
         conn.set(ikey, job_id, ex=settings.idempotency_ttl_s, nx=True)
@@ -264,6 +301,7 @@ def _find_or_enqueue(
     files: dict[str, bytes],
     options: SubmitOptions,
     job_id: str,
+    others: dict[str, str] | None = None,
 ) -> tuple[Job, bool]:
     spec = KINDS[kind]
     timeout, memory_mb = budgets(spec, settings)
@@ -291,6 +329,7 @@ def _find_or_enqueue(
             files=file_ids,
             params=params.model_dump(mode="json"),
             datasets=options.datasets or {},
+            other_models=others or {},
         )
         job = queue(spec.queue, conn).enqueue(
             keys.RUN_JOB_FUNC,

@@ -34,6 +34,15 @@ class JobContext:
     job_id: str = ""
     data_dir: Path = Path("var/data")  # settings.data_dir: data sets and data-set jobs' large artifacts
     datasets: dict[str, Path] = field(default_factory=dict)  # uploaded data sets the params name: id -> zip
+    other_models: dict[str, str] = field(default_factory=dict)  # id -> version submitted (JobPayload.other_models)
+    models: ModelCache | None = None  # the worker's cache, for other_model()
+
+    def other_model(self, model_id: str) -> LoadedModel:
+        """Another model the job uses, at the version it was submitted against (a changed
+        model is a 422, as for the job's own model)."""
+        if self.models is None:
+            raise BadParams(f"model {model_id!r}: this job has no model cache to load it from")
+        return self.models.get(model_id, self.other_models.get(model_id))
 
 
 def forward_in_chunks(model: LoadedModel, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
@@ -76,7 +85,8 @@ def load_inputs(model: LoadedModel, pngs: list[bytes], params: BaseModel) -> Inp
     probs = forward_in_chunks(model, x).softmax(1)
     targets = resolve_targets(getattr(params, "target", None), probs)
     regions = [input_region(img.width, img.height, pre) for img in images]
-    return Inputs(images=x, display=display, targets=targets, probs=probs, regions=regions)
+    sizes = [(img.height, img.width) for img in images]
+    return Inputs(images=x, display=display, targets=targets, probs=probs, regions=regions, sizes=sizes)
 
 
 def preprocessing_of(model: LoadedModel, params: BaseModel) -> Preprocessing:
@@ -109,6 +119,8 @@ def execute(
     context: JobContext,
 ) -> KindResult:
     model = models.get(model_id, model_version)
+    if context.models is None:
+        context.models = models
     progress(0, 1, "preprocessing")
     inputs = load_inputs(model, pngs, params)
     run = kind_module(kind).run

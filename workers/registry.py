@@ -28,7 +28,7 @@ from torch import nn
 
 from schemas.errors import BadParams, JobFailure
 from schemas.manifests import MANIFEST, ModelEntry, ModelRegistry, file_sha256
-from schemas.models import ModelManifest, Preprocessing, TrainingSet
+from schemas.models import ModelManifest, Preprocessing, TrainingSet, crop_box
 from schemas.settings import Settings
 from workers.explain.base import LoadedModel
 
@@ -212,27 +212,6 @@ def build_module(entry: ModelEntry) -> nn.Module:
         p.requires_grad_(False)
     return module
 
-
-def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[int, int, int, int]:
-    """``(left, top, right, bottom)``: the region of a ``width`` x ``height`` upload that
-    ``pre`` turns into the model's input (the whole image for ``stretch``).
-
-    ``shorter_side_center_crop``: the centred region of the input's aspect ratio whose shorter
-    side is ``crop_fraction`` of the upload's (the largest such region times the fraction),
-    offsets rounded as TensorFlow's EfficientNet evaluation does them
-    (``crop = int(f * min(H, W))``, ``offset = (H - crop + 1) // 2``, with ``f = S / (S + 32)``).
-    """
-    if pre.resize == "stretch":
-        return 0, 0, width, height
-    h, w = pre.size
-    f = pre.crop_fraction
-    if h == w:  # the exact integer arithmetic of the reference, no float ratio in between
-        cw = ch = int(f * min(width, height))
-    else:
-        cw, ch = int(f * min(width, height * w / h)), int(f * min(height, width * h / w))
-    cw, ch = max(1, cw), max(1, ch)
-    left, top = (width - cw + 1) // 2, (height - ch + 1) // 2
-    return left, top, left + cw, top + ch
 
 
 def input_region(width: int, height: int, pre: Preprocessing) -> dict[str, int | str]:

@@ -135,7 +135,13 @@ def _prepare(conn: Redis, p: JobPayload, job_id: str) -> tuple[BaseModel, list[b
     files = dict(zip(p.files, fetch_inputs(conn, list(p.files.values())), strict=True))
     datasets = {i: settings.data_dir / dataset_path_of(sha) for i, sha in p.datasets.items()}
     context = JobContext(
-        settings.cache_dir, settings.models_dir, files, job_id=job_id, data_dir=settings.data_dir, datasets=datasets
+        settings.cache_dir,
+        settings.models_dir,
+        files,
+        job_id=job_id,
+        data_dir=settings.data_dir,
+        datasets=datasets,
+        other_models=p.other_models,
     )
     return params, pngs, context
 

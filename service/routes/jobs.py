@@ -71,14 +71,16 @@ async def submit(
     entry = registry.get(sub.model_id)
     params = jobs.validate_params(spec, sub.params)
     jobs.check_request(spec, entry, params, len(sub.images), settings)
-    await asyncio.to_thread(jobs.check_uploads, spec, entry, sub.files, settings, len(sub.images))
+    others = jobs.other_models(spec, entry, params, registry)
+    sizes = [(img.height, img.width) for img in sub.images]
+    await asyncio.to_thread(jobs.check_uploads, spec, entry, sub.files, settings, len(sub.images), params, sizes)
     used = await asyncio.to_thread(
         datasets.check_job, conn, registry, tenant.name, entry, params, len(sub.images), sub.files
     )
     options = jobs.SubmitOptions(tenant.name, quota_of(tenant, settings), sub.callback_url, idempotency_key, used)
     job, reused = await asyncio.to_thread(
         datasets.submit_using, conn, tenant.name, used,
-        partial(jobs.submit, conn, settings, kind, entry, sub.images, params, sub.files, options),
+        partial(jobs.submit, conn, settings, kind, entry, sub.images, params, sub.files, options, others),
     )  # fmt: skip
     metrics.submitted.labels(kind, str(reused).lower()).inc()
     view = await _view(conn, job.id, tenant.name, settings.public_url, reused)

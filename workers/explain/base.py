@@ -105,6 +105,8 @@ class Inputs:
     regions: per image, the region of the upload the input (so every map) covers:
              ``{left, top, width, height}`` in upload pixels and the ``resize`` used
              (``workers.registry.input_region``).
+    sizes:   N ``(H0, W0)``, the uploaded images' sizes in pixels (regions given in their
+             pixels are mapped through the preprocessing: ``schemas.regions``).
     """
 
     images: torch.Tensor
@@ -112,6 +114,7 @@ class Inputs:
     targets: torch.Tensor
     probs: torch.Tensor
     regions: list[dict[str, Any]] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -35,7 +35,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -357,8 +357,18 @@ def aggregate_sweep(partials: list[dict[str, Any]], params: USweepParams) -> Kin
     return KindResult(summary, artifacts)
 
 
+class DatasetChoice(Protocol):
+    """Params naming a data set as ``u_sweep`` does (also ``adversarial``, ``noise_images``)."""
+
+    @property
+    def dataset(self) -> str | None: ...
+
+    @property
+    def limit(self) -> int | None: ...
+
+
 def source(
-    model: LoadedModel, params: USweepParams, inputs: Inputs | None, context: JobContext | None = None
+    model: LoadedModel, params: DatasetChoice, inputs: Inputs | None, context: JobContext | None = None
 ) -> DatasetSource:
     """The swept data set (its first ``limit`` images): an uploaded data set
     (``workers.dataset_source``), the model's registered data, or the request's images with
@@ -391,7 +401,7 @@ def chunk_data(model: LoadedModel, src: DatasetSource, start: int, stop: int) ->
 
 
 def dataset(
-    model: LoadedModel, params: USweepParams, inputs: Inputs | None, context: JobContext | None = None
+    model: LoadedModel, params: DatasetChoice, inputs: Inputs | None, context: JobContext | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every swept image ``(n, C, H, W)`` in model input space and its label ``(n,)`` (for
     small sets and tests; jobs read a chunk at a time)."""
