@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from schemas.attribution import AttributionParams, CompareParams, OcclusionMapParams
+from schemas.fill_blanks import FillBlanksConsistencyParams, FillBlanksParams
 from schemas.influence import InfluenceGroupsParams, InfluenceParams
 from schemas.params import SaliencyParams
 from schemas.settings import Settings
@@ -65,6 +66,8 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("compare", CompareParams, "default", "Several attribution methods: table and grid."),
         KindSpec("u_analysis", UAnalysisParams, "default", "U Analysis: regions replaced in order, U-triples.", files=("attribution",)),  # noqa: E501
         KindSpec("u_sweep", USweepParams, "low", "U Analysis over a data set x a grid: U occurrence.", min_images=0),
+        KindSpec("fill_blanks", FillBlanksParams, "default", "Fill in the blanks: how the model fills masked patches.", max_images=16),  # noqa: E501
+        KindSpec("fill_blanks_consistency", FillBlanksConsistencyParams, "low", "Fill in the blanks over a data set: does the model recognise its own fills (Table 1).", min_images=0),  # noqa: E501
         KindSpec("influence", InfluenceParams, "low", "Layer-wise influence of training images (Koh & Liang 2017).", max_images=32, files=("training_set",)),  # noqa: E501
         KindSpec("influence_groups", InfluenceGroupsParams, "low", "Influence of disturbed image groups per layer (Aamir et al. 2023).", max_images=16, files=("training_set",)),  # noqa: E501
     ]

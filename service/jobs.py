@@ -78,6 +78,9 @@ def check_request(spec: KindSpec, entry: ModelEntry, params: BaseModel, n_images
     check = getattr(spec.params, "check_model", None)
     if check is not None:
         check(params, entry.manifest)
+    check_images = getattr(spec.params, "check_images", None)  # e.g. a data set that needs uploads
+    if check_images is not None:
+        check_images(params, n_images)
 
 
 def check_uploads(spec: KindSpec, entry: ModelEntry, files: dict[str, bytes], settings: Settings) -> None:

@@ -34,7 +34,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -94,7 +94,19 @@ def grid_fingerprint(params: USweepParams) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def plan_sweep(params: USweepParams, n_images: int) -> list[dict[str, int]]:
+class DatasetParams(Protocol):
+    """What ``dataset`` and ``plan_sweep`` read: any data-set kind's params (e.g. ``u_sweep``,
+    ``fill_blanks_consistency``)."""
+
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def limit(self) -> int | None: ...
+    @property
+    def images_per_chunk(self) -> int: ...
+
+
+def plan_sweep(params: DatasetParams, n_images: int) -> list[dict[str, int]]:
     """Chunks of ``params.images_per_chunk`` consecutive images:
     ``[{"chunk": k, "first_index": s, "n_images": m}]`` (``first_index`` seeds the images)."""
     size = params.images_per_chunk
@@ -354,7 +366,7 @@ def aggregate_sweep(partials: list[dict[str, Any]], params: USweepParams) -> Kin
     return KindResult(summary, artifacts)
 
 
-def dataset(model: LoadedModel, params: USweepParams, inputs: Inputs | None) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset(model: LoadedModel, params: DatasetParams, inputs: Inputs | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The swept images ``(n, C, H, W)`` in model input space and their labels ``(n,)``:
     the model's registered data set split, or the uploaded images with their targets."""
     if params.dataset == "uploaded":
