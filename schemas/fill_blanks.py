@@ -84,13 +84,19 @@ class FillKnobs(BaseModel):
     gamma: float = Field(1.0, gt=0, description="step size of the update dx = -gamma grad (Eq. 2)")
     update: Literal["gradient", "bfgs"] = Field(
         "gradient",
-        description="dx: the gradient step (Eq. 2) or the L-BFGS direction after bfgs_steps iterations in "
+        description="dx: the gradient step (Eq. 2) or the BFGS direction after bfgs_steps iterations in "
         "image space (§4.5)",
     )
     bfgs_steps: int = Field(
-        3, ge=1, le=50, description="L-BFGS iterations (fixed step gamma) before its direction is taken; 1 = gradient"
+        3, ge=1, le=50, description="BFGS iterations (fixed step gamma) before its direction is taken; 1 = gradient"
     )
-    bfgs_history: int = Field(10, ge=1, le=100, description="L-BFGS memory (curvature pairs kept)")
+    bfgs_history: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="curvature pairs kept: null = all, exactly BFGS (§4.5) with H_0 scaled by the first pair; "
+        "a number = L-BFGS with that memory, H_0 scaled by the latest pair",
+    )
     keep_correct: bool = Field(True, description="random masking: average only draws with f(M(x)) = y (§4.1)")
     max_masks: int = Field(40_000, ge=1, le=10_000_000, description="random masking: at most this many draws")
     min_kept: int = Field(

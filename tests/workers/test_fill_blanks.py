@@ -98,27 +98,49 @@ def test_expected_update_is_the_mean_of_the_kept_masked_updates(keep_correct: bo
     np.testing.assert_allclose(again.update.numpy(), rf.update.numpy(), atol=1e-6)
 
 
-def test_bfgs_one_step_is_the_gradient_and_two_steps_a_dense_bfgs_step() -> None:
+def dense_bfgs(model, u0: np.ndarray, y: int, gamma: float, steps: int) -> np.ndarray:
+    """``gamma * p`` after ``steps`` BFGS iterations (step ``gamma``) with the dense inverse
+    Hessian ``H_{k+1} = (I - rho s y^T) H_k (I - rho y s^T) + rho s s^T`` (Nocedal & Wright
+    eq. 6.17), ``H_0 = (s.y / y.y) I`` of the first pair (eq. 6.20)."""
+
+    def grad(u: np.ndarray) -> np.ndarray:
+        return -hand_update(model, torch.from_numpy(u.reshape(u0.shape)), y, 1.0).ravel()
+
+    u, g, h, eye = u0.ravel(), grad(u0), None, np.eye(u0.size)
+    for t in range(steps):
+        p = -(g if h is None else h @ g)
+        if t == steps - 1:
+            return gamma * p
+        u1 = u + gamma * p
+        g1 = grad(u1)
+        s, yy = u1 - u, g1 - g
+        rho = 1 / (s @ yy)
+        h = (s @ yy) / (yy @ yy) * eye if h is None else h
+        h = (eye - rho * np.outer(s, yy)) @ h @ (eye - rho * np.outer(yy, s)) + rho * np.outer(s, s)
+        u, g = u1, g1
+    raise AssertionError
+
+
+def test_bfgs_one_step_is_the_gradient_and_more_steps_the_dense_bfgs_direction() -> None:
     model = softmax_model(seed=5)
     space = PixelSpace.of(model.manifest.preprocessing, 1)
     xm = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(6))
-    y = torch.tensor([0, 1, 2])
-    grad, _, _ = update(model, xm, y, FillBlanksParams(gamma=0.5), space)
-    one, _, _ = update(model, xm, y, FillBlanksParams(gamma=0.5, update="bfgs", bfgs_steps=1), space)
-    assert torch.equal(one, grad)
-
-    two, _, _ = update(model, xm, y, FillBlanksParams(gamma=0.5, update="bfgs", bfgs_steps=2), space)
-    for r in range(3):  # BFGS by hand: H1 = (I - rho s y^T) H0 (I - rho y s^T) + rho s s^T, H0 = (s.y / y.y) I
-        u0 = xm[r : r + 1].double().numpy()
-        g0 = -hand_update(model, torch.from_numpy(u0), int(y[r]), 1.0).ravel()
-        u1 = u0.ravel() - 0.5 * g0
-        g1 = -hand_update(model, torch.from_numpy(u1.reshape(u0.shape)), int(y[r]), 1.0).ravel()
-        s, yy = u1 - u0.ravel(), g1 - g0
-        rho, eye = 1 / (s @ yy), np.eye(16)
-        h1 = (eye - rho * np.outer(s, yy)) @ ((s @ yy) / (yy @ yy) * eye) @ (eye - rho * np.outer(yy, s))
-        h1 += rho * np.outer(s, s)
-        np.testing.assert_allclose(two[r].double().numpy().ravel(), -0.5 * h1 @ g1, rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(two, grad)
+    y = model.module(xm).argmin(1)  # far from the minimum: curvature pairs well above float32 noise
+    bfgs = FillBlanksParams(gamma=0.2, update="bfgs")
+    grad, _, _ = update(model, xm, y, FillBlanksParams(gamma=0.2), space)
+    assert torch.equal(update(model, xm, y, bfgs.model_copy(update={"bfgs_steps": 1}), space)[0], grad)
+    directions = {}
+    for steps in (2, 3, 4):
+        directions[steps], _, _ = update(model, xm, y, bfgs.model_copy(update={"bfgs_steps": steps}), space)
+        for r in range(3):
+            ref = dense_bfgs(model, xm[r : r + 1].double().numpy(), int(y[r]), 0.2, steps)
+            np.testing.assert_allclose(directions[steps][r].double().numpy().ravel(), ref, atol=1e-5)
+        assert not torch.allclose(directions[steps], grad)
+    # a memory of one pair (L-BFGS): the same second direction, another fourth
+    limited = bfgs.model_copy(update={"bfgs_history": 1})
+    assert torch.allclose(update(model, xm, y, limited.model_copy(update={"bfgs_steps": 2}), space)[0], directions[2])
+    fourth = update(model, xm, y, limited.model_copy(update={"bfgs_steps": 4}), space)[0]
+    assert not torch.allclose(fourth, directions[4], atol=1e-5)
 
 
 def test_threshold_normalises_binarises_and_keeps_the_sign_asked() -> None:

@@ -2,10 +2,12 @@
 
 - ``dx`` (Eq. 2) is ``-gamma * grad_u CE(f(M(x)), y)``, the gradient with respect to the
   pixel-space image ``u`` (``x = a u + b``: ``grad_u = a * grad_x``), for every row of a batch
-  in one forward+backward pass. ``update='bfgs'`` (§4.5) runs ``bfgs_steps`` L-BFGS
-  iterations per row from ``u_0 = M(x)`` (the whole image, step ``gamma``, no line search,
-  ``H_0 = (s.y / y.y) I``; a pair with ``s.y <= 0`` is skipped) and returns ``gamma * p``, its
-  direction ``p = -H g`` at the last iterate: one iteration is the gradient step.
+  in one forward+backward pass. ``update='bfgs'`` (§4.5) runs ``bfgs_steps`` BFGS iterations
+  per row from ``u_0 = M(x)`` (the whole image, step ``gamma``, no line search; the inverse
+  Hessian approximation ``H`` kept as its curvature pairs, two-loop recursion, ``H_0 = (s.y /
+  y.y) I`` of the first pair; ``bfgs_history`` = L-BFGS; a pair with ``s.y <= 0`` is skipped)
+  and returns ``gamma * p``, the direction ``p = -H g`` (the paper's ``B_t p_t = -grad L``)
+  at the last iterate: one iteration is the gradient step.
 - ``T`` (Eq. 4) keeps the masked pixels only (``M~(dx)``), optionally their positive part,
   normalises them (``max_abs``: ``v / max|v|``; ``minmax``: ``(v - min) / (max - min)``, over
   the masked pixels of each row) and binarises at ``threshold`` (``max_abs`` with both signs
@@ -74,7 +76,7 @@ def update(
     g = g.reshape(b, -1)
     history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for t in range(params.bfgs_steps):
-        p = -_two_loop(g, history)
+        p = -_two_loop(g, history, first_pair_scale=params.bfgs_history is None)
         if t == params.bfgs_steps - 1:
             return params.gamma * p.reshape(xm.shape), pred, y
         u_next = u + params.gamma * p
@@ -83,13 +85,17 @@ def update(
         s, yy = u_next - u, g_next - g
         sy = (s * yy).sum(1)
         rho = torch.where(sy > 1e-12, 1.0 / sy.clamp(min=1e-12), torch.zeros_like(sy))
-        history = [*history, (s, yy, rho)][-params.bfgs_history :]
+        history = [*history, (s, yy, rho)][-(params.bfgs_history or len(history) + 1) :]
         u, g = u_next, g_next
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _two_loop(g: torch.Tensor, history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``H g`` ``(B, n)`` by the L-BFGS two-loop recursion, row by row (Nocedal & Wright Alg. 7.4)."""
+def _two_loop(
+    g: torch.Tensor, history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], first_pair_scale: bool
+) -> torch.Tensor:
+    """``H g`` ``(B, n)`` by the two-loop recursion, row by row (Nocedal & Wright Alg. 7.4), with
+    ``H_0 = (s.y / y.y) I`` from the first pair (with every pair kept: the BFGS matrix itself,
+    N&W eq. 6.20) or from the latest (L-BFGS, N&W eq. 7.20)."""
     q = g.clone()
     alphas = []
     for s, y, rho in reversed(history):
@@ -97,7 +103,7 @@ def _two_loop(g: torch.Tensor, history: list[tuple[torch.Tensor, torch.Tensor, t
         q -= alpha[:, None] * y
         alphas.append(alpha)
     if history:
-        s, y, rho = history[-1]
+        s, y, rho = history[0] if first_pair_scale else history[-1]
         yy = (y * y).sum(1)
         scale = torch.where((rho > 0) & (yy > 0), (s * y).sum(1) / yy.clamp(min=1e-30), torch.ones_like(yy))
         q = scale[:, None] * q
