@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from schemas.attribution import AttributionParams, CompareParams, OcclusionMapParams
 from schemas.attribution_batch import AttributionBatchParams
+from schemas.fill_blanks import FillBlanksConsistencyParams, FillBlanksParams
 from schemas.influence import InfluenceGroupsParams, InfluenceParams
 from schemas.inspector import (
     AdversarialParams,
@@ -75,6 +76,8 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("compare", CompareParams, "default", "Several attribution methods: table and grid.", min_images=0),
         KindSpec("u_analysis", UAnalysisParams, "default", "U Analysis: regions replaced in order, U-triples.", files=("attribution",)),  # noqa: E501
         KindSpec("u_sweep", USweepParams, "low", "U Analysis over a data set x a grid: U occurrence.", min_images=0),
+        KindSpec("fill_blanks", FillBlanksParams, "default", "Fill in the blanks: how the model fills masked patches.", max_images=16),  # noqa: E501
+        KindSpec("fill_blanks_consistency", FillBlanksConsistencyParams, "low", "Fill in the blanks over a data set: does the model recognise its own fills (Table 1).", min_images=0),  # noqa: E501
         KindSpec("influence", InfluenceParams, "low", "Layer-wise influence of training images (Koh & Liang 2017).", max_images=32, files=("training_set",)),  # noqa: E501
         KindSpec("attribution_batch", AttributionBatchParams, "low", "One attribution method over a whole data set: maps.npy, per-image CSV.", min_images=0, max_images=0),  # noqa: E501
         KindSpec("robustness", RobustnessParams, "default", "Model Inspector transforms: noises and shuffles, top-5 before/after.", files=("signal_mask",)),  # noqa: E501

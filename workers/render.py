@@ -184,3 +184,58 @@ def top_bars_png(
                 draw.rectangle((x0 + label_w, y + dy, right, y + dy + 5), fill=colour)
             draw.text((x0 + label_w + bar_w + 4, y + 2), f"{cls['probability']:.2f}", fill=(0, 0, 0))
     return png_bytes(np.asarray(sheet))
+
+
+def signed_overlay_png(map2d: np.ndarray, image: np.ndarray, alpha: float = 0.85, min_side: int = 224) -> bytes:
+    """A signed map over ``image`` (``(H, W, 3)`` uint8, shown in grey): positive values red,
+    negative blue, opacity by ``|v| / max|v|`` (the fill-in-the-blanks paper's Fig. 1). Unlike
+    ``overlay_png``, a map of one sign keeps its colour (red stays red)."""
+    h, w = image.shape[:2]
+    k = max(1, -(-min_side // max(h, w)))
+    size = (h * k, w * k)
+    grey = image.astype(np.float32).mean(2, keepdims=True).repeat(3, 2)
+    base = _fit(grey.astype(np.uint8), size).astype(np.float32)
+    m = float(np.abs(map2d).max())
+    scaled = map2d / m if m > 0 else np.zeros_like(map2d)
+    red, blue = np.array([220.0, 20, 20]), np.array([20.0, 60, 230])
+    colour = np.where(scaled[..., None] >= 0, red, blue)
+    weight = (alpha * np.abs(scaled))[..., None]
+    out = base * (1 - _fit((weight * 255).astype(np.uint8).repeat(3, 2), size) / 255.0)
+    out += _fit((colour * weight).astype(np.uint8), size)
+    return png_bytes(out.clip(0, 255).astype(np.uint8))
+
+
+def tile_grid_png(
+    tiles: list[list[np.ndarray | None]],
+    row_labels: list[str] | None = None,
+    captions: list[list[str]] | None = None,
+    title: str = "",
+    tile_side: int = 96,
+) -> bytes:
+    """Images in a grid: ``tiles[r][c]`` ``(h, w, 3)`` uint8 (None: an empty cell), each scaled to
+    about ``tile_side`` pixels (nearest for small images), a caption under each, a label left of
+    each row and a title on top (PIL's default font)."""
+    from PIL import ImageDraw
+
+    rows, cols = len(tiles), max(len(r) for r in tiles)
+    cell_w, cap_h = tile_side + 8, 14
+    label_w = 8 + 7 * max((len(s) for s in row_labels or []), default=0)
+    top = 18 if title else 4
+    out = Image.new("RGB", (label_w + cols * cell_w, top + rows * (tile_side + cap_h + 6)), "white")
+    draw = ImageDraw.Draw(out)
+    if title:
+        draw.text((4, 3), title, fill="black")
+    for r, row in enumerate(tiles):
+        y = top + r * (tile_side + cap_h + 6)
+        if row_labels:
+            draw.text((4, y + tile_side // 2 - 5), row_labels[r], fill="black")
+        for c, tile in enumerate(row):
+            x = label_w + c * cell_w + 4
+            if tile is not None:
+                h, w = tile.shape[:2]
+                s = tile_side / max(h, w)
+                fitted = _fit(tile, (max(1, round(h * s)), max(1, round(w * s))))
+                out.paste(Image.fromarray(fitted), (x, y))
+            if captions and c < len(captions[r]):
+                draw.text((x, y + tile_side + 2), captions[r][c][:20], fill="black")
+    return png_bytes(np.asarray(out))

@@ -97,7 +97,25 @@ def grid_fingerprint(params: USweepParams) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def plan_sweep(params: USweepParams, n_images: int) -> list[dict[str, int]]:
+class DatasetChoice(Protocol):
+    """Params naming a data set as ``u_sweep`` does (also ``adversarial``, ``noise_images``)."""
+
+    @property
+    def dataset(self) -> str | None: ...
+
+    @property
+    def limit(self) -> int | None: ...
+
+
+class DatasetParams(DatasetChoice, Protocol):
+    """What ``plan_sweep`` reads: a data-set kind's params cut into chunks (``u_sweep``,
+    ``fill_blanks_consistency``)."""
+
+    @property
+    def images_per_chunk(self) -> int: ...
+
+
+def plan_sweep(params: DatasetParams, n_images: int) -> list[dict[str, int]]:
     """Chunks of ``params.images_per_chunk`` consecutive images:
     ``[{"chunk": k, "first_index": s, "n_images": m}]`` (``first_index`` seeds the images)."""
     size = params.images_per_chunk
@@ -355,16 +373,6 @@ def aggregate_sweep(partials: list[dict[str, Any]], params: USweepParams) -> Kin
         png = _bar_png(f"U occurrence by {titles[hp]} ({n} images)", by[hp])
         artifacts.append(Artifact(f"u_occurrence_{hp}.png", png, "image/png"))
     return KindResult(summary, artifacts)
-
-
-class DatasetChoice(Protocol):
-    """Params naming a data set as ``u_sweep`` does (also ``adversarial``, ``noise_images``)."""
-
-    @property
-    def dataset(self) -> str | None: ...
-
-    @property
-    def limit(self) -> int | None: ...
 
 
 def source(
