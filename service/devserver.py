@@ -82,6 +82,8 @@ def run(settings: Settings) -> None:
             f"""
 Model Inspector is running at {url}  (docs: {url}/docs, Redis: {env.get('INSPECTOR_REDIS_URL', settings.redis_url)})
 
+  open {url}/ in a browser: the inspector page (pick a model, an image and an analysis)
+
   python -c "import skimage.io, skimage.data; skimage.io.imsave('cat.png', skimage.data.chelsea())"
   curl -F image=@cat.png {url}/v1/models/efficientnet-lite0/predict
   curl -F image=@cat.png -F model_id=efficientnet-lite0 '{url}/v1/jobs/saliency?wait=60'

@@ -419,7 +419,10 @@ async function openJob(viewOrId) {
     } else if (view.status === "canceled") {
       el.result.append(h("p", {}, "The job was canceled."));
     }
-    if (!ctrl.signal.aborted) el.result.dataset.job = id; // drawn
+    if (!ctrl.signal.aborted) {
+      el.result.dataset.drawnAt = String(performance.now()); // what benchmarks/ui.py reads
+      el.result.dataset.job = id; // drawn
+    }
   } catch (err) {
     if (err.name === "AbortError" || ctrl.signal.aborted) return;
     el.progressBox.hidden = true;

@@ -1,0 +1,78 @@
+"""The form built from each kind's params_schema: labelled, phone-sized, and what it sends is
+what the kind's own params model accepts; images by drop and paste."""
+
+from __future__ import annotations
+
+import json
+
+from playwright.sync_api import expect
+
+from schemas.attribution import METHODS
+from schemas.kinds import KINDS
+
+UNLABELLED = """() => [...document.querySelectorAll('input, select, textarea, button')]
+  .filter(e => !e.closest('[hidden]') && e.type !== 'hidden')
+  .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+  .filter(e => !(e.tagName === 'BUTTON' && e.textContent.trim()))
+  .map(e => e.id || e.outerHTML.slice(0, 80))"""
+
+
+def raw_params(page) -> dict:
+    page.check("#raw-toggle")
+    params = json.loads(page.input_value("#raw"))
+    page.uncheck("#raw-toggle")
+    return params
+
+
+def test_every_kinds_form_is_labelled_fits_a_phone_and_sends_valid_params(browser, stack):
+    from tests.ui.conftest import open_page
+
+    page, seen = open_page(browser, stack.url, width=390)
+    try:
+        kinds = page.eval_on_selector_all("#kind option", "os => os.map(o => o.value)")
+        assert set(kinds) == set(KINDS)
+        for kind in kinds:
+            page.select_option("#kind", kind)
+            assert page.evaluate(UNLABELLED) == [], kind
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390, kind
+            KINDS[kind].params.model_validate(raw_params(page))  # what the API would accept
+        page.select_option("#kind", "attribution")
+        for method in METHODS:
+            page.select_option('[data-field="method"] select', method)
+            assert raw_params(page)["method"] == method
+            KINDS["attribution"].params.model_validate(raw_params(page))
+        # raw JSON -> fields -> raw JSON keeps every value, nested ones included
+        sent = {
+            "method": "integrated_gradients",
+            "n_steps": 7,
+            "sensitivity_max": {"n_perturb_samples": 3},
+            "target": 4,
+        }
+        page.check("#raw-toggle")
+        page.fill("#raw", json.dumps(sent))
+        page.uncheck("#raw-toggle")
+        assert page.input_value('[data-field="n_steps"] input') == "7"
+        assert page.input_value('[data-field="sensitivity_max.n_perturb_samples"] input') == "3"
+        assert raw_params(page) == sent
+        assert not seen.errors
+    finally:
+        page.context.close()
+
+
+def test_an_image_can_be_dropped_or_pasted(page):
+    page.select_option("#model", "digits-cnn")
+    for event, name in (("drop", "dropped.png"), ("paste", "pasted.png")):
+        page.evaluate(
+            """async ([event, name]) => {
+              const blob = await (await fetch('/ui/samples/digit.png')).blob();
+              const dt = new DataTransfer();
+              dt.items.add(new File([blob], name, { type: 'image/png' }));
+              const e = event === 'drop'
+                ? new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true })
+                : new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true });
+              (event === 'drop' ? document.getElementById('drop') : document.body).dispatchEvent(e);
+            }""",
+            [event, name],
+        )
+        expect(page.locator("#preview-name")).to_contain_text(name)
+        expect(page.locator(".top5 li .label").first).to_have_text("7")
