@@ -76,3 +76,26 @@ def test_an_image_can_be_dropped_or_pasted(page):
         )
         expect(page.locator("#preview-name")).to_contain_text(name)
         expect(page.locator(".top5 li .label").first).to_have_text("7")
+
+
+def test_an_extra_upload_goes_with_the_job(page, stack):
+    import io
+
+    import httpx
+    import numpy as np
+
+    page.select_option("#model", "digits-cnn")
+    page.select_option("#kind", "u_analysis")
+    page.click("#sample-digit")
+    page.wait_for_selector(".top5 li")
+    buf = io.BytesIO()
+    np.save(buf, np.arange(64, dtype=np.float32).reshape(8, 8))
+    page.set_input_files(
+        "#upload-attribution",
+        files=[{"name": "map.npy", "mimeType": "application/octet-stream", "buffer": buf.getvalue()}],
+    )
+    page.click("#submit")
+    page.wait_for_selector("#result[data-job]", timeout=120_000)
+    view = httpx.get(f"{stack.url}/v1/jobs/{page.get_attribute('#result', 'data-job')}").json()
+    assert view["result"]["attribution"] == "uploaded"
+    assert view["result"]["images"][0]["region_importance"] == [float(v) for v in range(64)]
