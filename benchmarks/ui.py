@@ -107,16 +107,23 @@ def page_ready(browser: Any, url: str, loads: int) -> dict[str, Any]:
     }
 
 
+def prepare(page: Any, url: str | None, model: str, kind: str, sample: str) -> None:
+    """Opens ``url`` (None: the page as it is), picks the model, the analysis and a sample
+    image, and waits for the image's top-5."""
+    if url:
+        page.goto(url)
+        page.wait_for_selector("body[data-ready]")
+    page.select_option("#model", model)
+    page.select_option("#kind", kind)
+    page.click(sample)
+    page.wait_for_selector(".top5 li", timeout=120_000)
+
+
 def overhead(browser: Any, stack: Stack, jobs: int) -> dict[str, Any]:
     import httpx
 
     page = browser.new_page()
-    page.goto(stack.url)
-    page.wait_for_selector("body[data-ready]")
-    page.select_option("#model", "digits-cnn")
-    page.select_option("#kind", "saliency")
-    page.click("#sample-digit")
-    page.wait_for_selector(".top5 li")
+    prepare(page, stack.url, "digits-cnn", "saliency", "#sample-digit")
     rows, last = [], None
     for i in range(jobs):
         page.fill('[data-field="target"] input', str(i % 10))
@@ -152,12 +159,7 @@ def progress_latency(browser: Any, stack: Stack) -> dict[str, Any]:
     ctx = browser.new_context()
     ctx.add_init_script(PROGRESS_PROBE)
     page = ctx.new_page()
-    page.goto(stack.url)
-    page.wait_for_selector("body[data-ready]")
-    page.select_option("#model", "efficientnet-lite0")
-    page.select_option("#kind", "occlusion_map")
-    page.click("#sample-cat")
-    page.wait_for_selector(".top5 li", timeout=120_000)
+    prepare(page, stack.url, "efficientnet-lite0", "occlusion_map", "#sample-cat")
     page.fill('[data-field="occluder"] input', "16")
     page.fill('[data-field="stride"] input', "8")
     conn = Redis.from_url(stack.settings.redis_url)  # type: ignore[attr-defined]
@@ -201,13 +203,10 @@ def screenshots(browser: Any, stack: Stack, out: Path) -> list[Path]:
     shots = []
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(stack.url)
-    page.wait_for_selector("body[data-ready]")
+    page.wait_for_selector("body[data-ready]")  # models and kinds listed
 
     def job(model: str, kind: str, sample: str, setup: Any = None) -> None:
-        page.select_option("#model", model)
-        page.select_option("#kind", kind)
-        page.click(sample)
-        page.wait_for_selector(".top5 li", timeout=120_000)
+        prepare(page, None, model, kind, sample)
         if setup:
             setup()
         last = page.get_attribute("#result", "data-job")

@@ -136,6 +136,11 @@ class Node {
     );
   }
 
+  /** A fieldset of this node: legend, help, error, then the body. */
+  group(cls, help, ...body) {
+    return h(`fieldset.${cls}`, { dataset: { field: this.path.join(".") } }, h("legend", {}, this.name), help, this.errorEl, body);
+  }
+
   showError(message) {
     this.errorEl.textContent = message;
     this.errorEl.hidden = !message;
@@ -386,15 +391,7 @@ class ObjectNode extends Node {
     } else if (opts.bare) {
       this.el = h("div.object", {}, body, this.errorEl);
     } else {
-      const help = schema.description ? h("p.help", {}, schema.description) : null;
-      this.el = h(
-        "fieldset.object",
-        { dataset: { field: this.path.join(".") } },
-        h("legend", {}, this.name),
-        help,
-        this.errorEl,
-        body,
-      );
+      this.el = this.group("object", schema.description ? h("p.help", {}, schema.description) : null, body);
     }
   }
 
@@ -454,7 +451,7 @@ class TaggedNode extends Node {
     const inner = [selector, this.body];
     this.el = opts.root
       ? h("div.form-root.tagged", {}, this.errorEl, inner)
-      : h("fieldset.object.tagged", { dataset: { field: this.path.join(".") } }, h("legend", {}, this.name), this.errorEl, inner);
+      : this.group("object.tagged", null, inner);
   }
 
   variant(tag) {
@@ -598,16 +595,7 @@ class ListNode extends Node {
     this.rows = [];
     this.list = h("ol.rows");
     this.addButton = h("button.add", { type: "button", onclick: () => this.add(undefined, true) }, `Add to ${this.name}`);
-    const help = helpOf(schema, opts);
-    this.el = h(
-      "fieldset.list",
-      { dataset: { field: this.path.join(".") } },
-      h("legend", {}, this.name),
-      help,
-      this.errorEl,
-      this.list,
-      this.addButton,
-    );
+    this.el = this.group("list", helpOf(schema, opts), this.list, this.addButton);
   }
 
   add(v, focus = false) {
@@ -677,15 +665,7 @@ class ChecksNode extends Node {
       const box = h("input", { type: "checkbox", id: newId("chk"), value: JSON.stringify(v) });
       return { v, box, el: h("span.check", {}, box, h("label", { for: box.id }, String(v))) };
     });
-    const help = helpOf(schema, opts);
-    this.el = h(
-      "fieldset.checks",
-      { dataset: { field: this.path.join(".") } },
-      h("legend", {}, this.name),
-      help,
-      this.errorEl,
-      h("div.check-row", {}, this.boxes.map((b) => b.el)),
-    );
+    this.el = this.group("checks", helpOf(schema, opts), h("div.check-row", {}, this.boxes.map((b) => b.el)));
   }
 
   value() {
