@@ -74,6 +74,15 @@ export async function blobURL(id, name) {
   return blobs.get(k);
 }
 
+/** Frees the blob URLs of every job but `keep` (the page shows one job at a time). */
+export function forgetBlobs(keep) {
+  for (const [k, p] of blobs) {
+    if (k.startsWith(`${keep}/`)) continue;
+    blobs.delete(k);
+    p.then((url) => URL.revokeObjectURL(url)).catch(() => {});
+  }
+}
+
 export async function artifactText(id, name) {
   return (await request(artifactPath(id, name))).text();
 }

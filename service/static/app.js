@@ -1,7 +1,7 @@
 // The inspector page: pick a model and an image, see the top-5, run an analysis, follow it,
 // see its result. State lives in this module; the API is the only source of data.
 
-import { ApiError, apiKey, getJSON, jobPath, request } from "./api.js";
+import { ApiError, apiKey, forgetBlobs, getJSON, jobPath } from "./api.js";
 import { $, clear, fmt, h } from "./dom.js";
 import { follow, isTerminal } from "./follow.js";
 import { buildForm } from "./form.js";
@@ -397,6 +397,7 @@ async function openJob(viewOrId) {
   state.follow = ctrl;
   const id = typeof viewOrId === "string" ? viewOrId : viewOrId.id;
   state.jobId = id;
+  forgetBlobs(id);
   clear(el.result);
   delete el.result.dataset.job;
   el.progressBox.hidden = true;
