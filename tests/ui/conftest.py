@@ -1,7 +1,7 @@
 """Browser tests of the web page: Debian's chromium driven by Playwright (launched with the
 chromium's own executable, never ``playwright install``), against a real redis-server,
-worker and API served by uvicorn (``tests.ui.stack``). One browser and one stack per
-session; each test gets a fresh browser context (empty localStorage).
+worker and API served by uvicorn (``tests.ui.stack``). One browser and one stack for the
+whole of ``tests/ui``; each test gets a fresh browser context (empty localStorage).
 
 ``make test`` installs chromium with apt (its ``tools`` step); only where that cannot
 happen (no root) are these tests skipped, saying so.
@@ -31,13 +31,15 @@ def chromium_path() -> str:
     return CHROMIUM
 
 
-@pytest.fixture(scope="session")
+# Package scope: the stack and the browser go when tests/ui is done, not at the session's
+# end (the rest of the suite gets their memory back, and no Playwright loop outlives them).
+@pytest.fixture(scope="package")
 def stack(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, chromium_path: str) -> Iterator[Stack]:
     with ui_stack(ui_models_dir(models_dir, tmp_path_factory.mktemp("ui-models")), TEST_CACHE_DIR) as s:
         yield s
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(chromium_path: str):
     from playwright.sync_api import sync_playwright
 
