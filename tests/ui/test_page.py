@@ -69,6 +69,9 @@ def test_u_analysis_shows_the_curve_and_every_triple(page, stack):
     expect(rows).to_have_count(len(triples))
     shown = [[int(c) for c in rows.nth(i).locator("td").all_inner_texts()[:3]] for i in range(len(triples))]
     assert shown == [[t["left"], t["middle"], t["right"]] for t in triples]
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing wider than the screen
+    page.click("details.json summary")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
 
 
 def test_compare_of_two_methods_has_a_two_row_table_even_without_the_event_stream(page, stack):
