@@ -29,6 +29,13 @@ def test_every_kinds_form_is_labelled_fits_a_phone_and_sends_valid_params(browse
 
     page, seen = open_page(browser, stack.url, width=390)
     try:
+        page.select_option("#kind", "saliency")
+        reached = []
+        for _ in range(40):  # the keyboard alone reaches every control, in reading order
+            page.keyboard.press("Tab")
+            reached.append(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
+        order = ["api-key", "model", "image-file", "sample-cat", "sample-digit", "kind", "raw-toggle", "submit"]
+        assert [r for r in reached if r in order][: len(order)] == order
         kinds = page.eval_on_selector_all("#kind option", "os => os.map(o => o.value)")
         assert set(kinds) == set(KINDS)
         for kind in kinds:
