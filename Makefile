@@ -20,11 +20,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/inspector run
 
-# docker-compose (v1, Debian package) validates docker-compose.yml without a daemon.
+# docker-compose (v1, Debian package) validates docker-compose.yml without a daemon;
+# chromium (Debian package) is the browser the web page's tests (tests/ui) drive with Playwright.
+APT_TOOLS := docker-compose chromium  # command = Debian package name
 tools:
-	@command -v docker-compose >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) >/dev/null 2>&1; } || \
-	  echo "docker-compose unavailable: the compose check will be skipped"
+	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null 2>&1; } || \
+	  echo "could not install$$missing (needs root and apt): the compose check / browser tests will be skipped"
 
 test: $(STAMP) tools
 	$(PY) -m pytest -q

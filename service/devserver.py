@@ -170,6 +170,8 @@ def _banner(url: str, redis_url: str, seconds: float) -> str:
     return f"""
 Model Inspector is ready at {url} after {seconds:.0f} s (docs: {url}/docs, Redis: {redis_url})
 
+  open {url}/ in a browser: the inspector page (pick a model, an image and an analysis)
+
   python -c "import skimage.io, skimage.data; skimage.io.imsave('cat.png', skimage.data.chelsea())"
   curl -F image=@cat.png {url}/v1/models/efficientnet-lite0/predict
   curl -F image=@cat.png -F model_id=efficientnet-lite0 '{url}/v1/jobs/saliency?wait=60'

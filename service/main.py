@@ -12,6 +12,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.openapi import ERRORS
 from service.routes import datasets, health, jobs, methods, models
+from service.routes.ui import install_ui
 from service.uploads import BodySizeLimit, body_limit, dataset_body_limit
 
 
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)  # probes and metrics stay open
     for r in (models.router, methods.router, jobs.router, datasets.router):
         app.include_router(r, dependencies=[Depends(authenticate)], responses={401: ERRORS[401]})
+    install_ui(app)  # the web page: no key (it holds no data), not in the OpenAPI schema
     return app
 
 

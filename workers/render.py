@@ -85,9 +85,20 @@ def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def heatmap_png(map2d: np.ndarray, min_side: int = 224) -> bytes:
     """Colour-mapped PNG of a 2-D map, upscaled (nearest) so small maps stay visible."""
     rgb = _colour(map2d)
-    h, w = rgb.shape[:2]
+    return png_bytes(_fit(rgb, _display_size(rgb, min_side)))
+
+
+def _display_size(image: np.ndarray, min_side: int) -> tuple[int, int]:
+    """``(H, W)`` of ``image`` upscaled by a whole factor until its longer side is ``min_side``."""
+    h, w = image.shape[:2]
     k = max(1, -(-min_side // max(h, w)))
-    return png_bytes(_fit(rgb, (h * k, w * k)))
+    return h * k, w * k
+
+
+def image_png(image: np.ndarray, min_side: int = 224) -> bytes:
+    """``image`` (``(H, W, 3)`` uint8, the input at model size) as a PNG at the size of
+    :func:`overlay_png`'s output, so a page can lay the heatmap over it pixel for pixel."""
+    return png_bytes(_fit(image, _display_size(image, min_side)))
 
 
 def overlay_png(map2d: np.ndarray, image: np.ndarray, alpha: float = 0.55, min_side: int = 224) -> bytes:
@@ -98,9 +109,7 @@ def overlay_png(map2d: np.ndarray, image: np.ndarray, alpha: float = 0.55, min_s
 
 def overlay_rgb(map2d: np.ndarray, image: np.ndarray, alpha: float = 0.55, min_side: int = 224) -> np.ndarray:
     """:func:`overlay_png` as an ``(H', W', 3)`` uint8 array (upscaled to ``min_side``)."""
-    h, w = image.shape[:2]
-    k = max(1, -(-min_side // max(h, w)))
-    size = (h * k, w * k)
+    size = _display_size(image, min_side)
     base = _fit(image, size).astype(np.float32)
     colour = _fit(_colour(map2d), size).astype(np.float32)
     scaled, _ = normalise(map2d)
@@ -190,9 +199,7 @@ def signed_overlay_png(map2d: np.ndarray, image: np.ndarray, alpha: float = 0.85
     """A signed map over ``image`` (``(H, W, 3)`` uint8, shown in grey): positive values red,
     negative blue, opacity by ``|v| / max|v|`` (the fill-in-the-blanks paper's Fig. 1). Unlike
     ``overlay_png``, a map of one sign keeps its colour (red stays red)."""
-    h, w = image.shape[:2]
-    k = max(1, -(-min_side // max(h, w)))
-    size = (h * k, w * k)
+    size = _display_size(image, min_side)
     grey = image.astype(np.float32).mean(2, keepdims=True).repeat(3, 2)
     base = _fit(grey.astype(np.uint8), size).astype(np.float32)
     m = float(np.abs(map2d).max())

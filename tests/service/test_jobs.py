@@ -25,10 +25,10 @@ def test_saliency_job_end_to_end(client):
     assert summary["target"] == label and summary["label"] == str(label)
     assert 0 < summary["probability"] <= 1 and summary["max"] > 0
     names = {a["name"]: a for a in view["artifacts"]}
-    assert set(names) == {"0-attribution.npy", "0-map.npy", "0-heatmap.png", "0-overlay.png"}
+    assert set(names) == {"0-attribution.npy", "0-map.npy", "0-heatmap.png", "0-overlay.png", "0-input.png"}
     raw = np.load(io.BytesIO(client.get(names["0-attribution.npy"]["url"]).content))
     assert raw.shape == (1, 8, 8) and np.isfinite(raw).all() and (raw >= 0).all()
-    for name in ("0-heatmap.png", "0-overlay.png"):
+    for name in ("0-heatmap.png", "0-overlay.png", "0-input.png"):
         r = client.get(names[name]["url"])
         assert r.headers["content-type"] == "image/png"
         img = Image.open(io.BytesIO(r.content))

@@ -357,11 +357,18 @@ def test_run_writes_the_artifacts_and_summary(model_cache):
     result = run(model, inputs, p, lambda done, total, stage: None)
     names = {a.name: a for a in result.artifacts}
     assert set(names) == {
-        f"{i}-{n}" for i in range(2) for n in ("attribution.npy", "map.npy", "heatmap.png", "overlay.png")
+        f"{i}-{n}"
+        for i in range(2)
+        for n in ("attribution.npy", "map.npy", "heatmap.png", "overlay.png", "input.png")
     }
     raw = np.load(io.BytesIO(names["1-attribution.npy"].data))
     assert raw.shape == (1, 8, 8) and np.load(io.BytesIO(names["1-map.npy"].data)).shape == (8, 8)
     assert Image.open(io.BytesIO(names["0-overlay.png"].data)).size[0] >= 224
+    # the input at model size, as large as the overlay: each of the 8x8 pixels a 28x28 block
+    shown = np.asarray(Image.open(io.BytesIO(names["1-input.png"].data)))
+    assert shown.shape[:2] == Image.open(io.BytesIO(names["1-overlay.png"].data)).size[::-1] == (224, 224)
+    assert np.array_equal(shown[::28, ::28], inputs.display[1])
+    assert np.array_equal(shown[27::28, 27::28], inputs.display[1])
     s = result.summary
     assert s["method"] == "integrated_gradients" and s["runtime_s"] > 0
     img = s["images"][1]

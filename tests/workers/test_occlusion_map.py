@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from schemas.attribution import OcclusionMapParams
 from tests.workers.test_attribution import OnePixel, digits_batch, inputs_for, tiny_model
@@ -59,4 +60,7 @@ def test_run_on_digits_matches_occluding_by_hand(model_cache):
     img = s["images"][1]
     assert img["min_probability"] == pytest.approx(float(prob.min()), rel=1e-6)
     assert img["probability"] == pytest.approx(float(inputs.probs[1, t]))
-    assert {"0-heatmap.png", "0-overlay.png", "0-top_class.npy", "0-top_probability.npy"} <= set(names)
+    assert {"0-heatmap.png", "0-overlay.png", "0-input.png", "0-top_class.npy", "0-top_probability.npy"} <= set(names)
+    shown = np.asarray(Image.open(io.BytesIO(names["1-input.png"].data)))
+    assert shown.shape[:2] == Image.open(io.BytesIO(names["1-overlay.png"].data)).size[::-1]
+    assert np.array_equal(shown[:: shown.shape[0] // 8, :: shown.shape[1] // 8], inputs.display[1])

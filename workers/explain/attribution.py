@@ -808,8 +808,10 @@ def image_summary(
 
 def image_artifacts(prefix: str, attr: torch.Tensor, map2d: np.ndarray, display: np.ndarray) -> list[Artifact]:
     """``{prefix}attribution.npy`` (raw, ``(C, H, W)``), ``{prefix}map.npy`` (``(H, W)``),
-    ``{prefix}heatmap.png`` and ``{prefix}overlay.png``."""
+    ``{prefix}heatmap.png``, ``{prefix}overlay.png`` and ``{prefix}input.png`` (the input at
+    model size, as large as the overlay: what a viewer lays the heatmap over)."""
     return [
+        Artifact(f"{prefix}input.png", render.image_png(display), "image/png"),
         Artifact(f"{prefix}attribution.npy", render.npy_bytes(attr.detach().cpu().float()), "application/x-npy"),
         Artifact(f"{prefix}map.npy", render.npy_bytes(map2d), "application/x-npy"),
         Artifact(f"{prefix}heatmap.png", render.heatmap_png(map2d), "image/png"),
@@ -819,7 +821,7 @@ def image_artifacts(prefix: str, attr: torch.Tensor, map2d: np.ndarray, display:
 
 def run(model: LoadedModel, inputs: Inputs, params: MethodParams, progress: ProgressFn) -> KindResult:
     """The ``attribution`` kind: per image ``{i}-attribution.npy``, ``{i}-map.npy``,
-    ``{i}-heatmap.png``, ``{i}-overlay.png``, and a JSON summary."""
+    ``{i}-heatmap.png``, ``{i}-overlay.png``, ``{i}-input.png``, and a JSON summary."""
     t0 = time.perf_counter()
     attr = attribute(model, inputs.images, inputs.targets, params, progress)
     runtime = time.perf_counter() - t0

@@ -12,7 +12,8 @@ Artifacts per image ``i``: ``{i}-probability.npy`` ``(rows, cols)`` target-class
 ``{i}-top_class.npy`` / ``{i}-top_probability.npy`` ``(rows, cols)`` the most probable class
 and its probability, ``{i}-drop.npy`` ``(H, W)`` the drop of the target probability averaged
 over the positions covering each pixel, ``{i}-heatmap.png`` (the probability map: dark where
-occluding hurts) and ``{i}-overlay.png`` (the drop over the image).
+occluding hurts), ``{i}-overlay.png`` (the drop over the image) and ``{i}-input.png`` (the
+input at model size, as large as the overlay).
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def run(model: LoadedModel, inputs: Inputs, params: OcclusionMapParams, progress
             Artifact(f"{i}-drop.npy", render.npy_bytes(drop), "application/x-npy"),
             Artifact(f"{i}-heatmap.png", render.heatmap_png(grid.probability), "image/png"),
             Artifact(f"{i}-overlay.png", render.overlay_png(drop, inputs.display[i]), "image/png"),
+            Artifact(f"{i}-input.png", render.image_png(inputs.display[i]), "image/png"),
         ]
     summary = {
         "occluder": occ,
