@@ -225,7 +225,7 @@ def _check_pixels(img: Image.Image, name: str, max_pixels: int) -> None:
 
 
 def _pieces(
-    zf: zipfile.ZipFile, archive: bytes | Path, info: zipfile.ZipInfo
+    archive: bytes | Path, info: zipfile.ZipInfo, zf: zipfile.ZipFile | None
 ) -> Iterator[bytes | memoryview]:
     """Member ``info`` streamed: from bytes by ``schemas.training_zip.iter_member`` (stopped past
     its declared size); from a stored data set's file (checked by the API when it was uploaded)
@@ -233,17 +233,20 @@ def _pieces(
     if isinstance(archive, bytes):
         yield from iter_member(archive, info)
         return
+    assert zf is not None, "a stored zip is read through its open ZipFile"
     with zf.open(info) as f:
         while piece := f.read(HEADER_BYTES):
             yield piece
 
 
-def _member_bytes(zf: zipfile.ZipFile, archive: bytes | Path, info: zipfile.ZipInfo, max_pixels: int) -> bytes:
+def _member_bytes(
+    archive: bytes | Path, info: zipfile.ZipInfo, max_pixels: int, zf: zipfile.ZipFile | None = None
+) -> bytes:
     """A zip member, streamed (:func:`_pieces`); once its first :data:`HEADER_BYTES` are in, the
     image header they hold is checked against ``max_pixels``, so an image over the limit is
     refused before the rest is read."""
     buf, looked = bytearray(), False
-    for piece in _pieces(zf, archive, info):
+    for piece in _pieces(archive, info, zf):
         buf += piece
         if not looked and len(buf) >= HEADER_BYTES:
             looked = True
@@ -276,7 +279,7 @@ def _read_zip_images(
     with zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive) as zf:
         for name in members:
             try:
-                data = _member_bytes(zf, archive, zf.getinfo(name), max_pixels)
+                data = _member_bytes(archive, zf.getinfo(name), max_pixels, zf)
                 with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as img:
                     _check_pixels(img, name, max_pixels)
                     with warnings.catch_warnings():

@@ -126,7 +126,8 @@ def test_8bit_image_rounds_inside_the_ball():
 def test_model_input_mapping_matches_the_registry_preprocessing(models_dir, chelsea):
     """``to_input`` (torch, pixel space) gives what Pillow's preprocessing gives for the same
     8-bit image, within one grey level: upscaled 224 -> 240 (lite1), resized and cropped, to
-    grey."""
+    grey. lite1's published preprocessing resizes bicubic: torch's cubic kernel (a = -0.75)
+    differs from Pillow's (a = -0.5) by up to about a grey level more."""
     lite1 = ModelRegistry(models_dir).get("efficientnet-lite1").manifest.preprocessing
     img = Image.fromarray(chelsea).resize((224, 224), Image.Resampling.BILINEAR)
     u = torch.from_numpy(np.asarray(img, np.float32) / 255).permute(2, 0, 1)[None]
@@ -136,7 +137,8 @@ def test_model_input_mapping_matches_the_registry_preprocessing(models_dir, chel
         want, _ = preprocess([img], pre)
         got = adv.to_input(u, pre)
         assert got.shape == want.shape
-        assert float((got - want).abs().max()) <= 1.01 * unit, pre
+        levels = 1.01 if pre.interpolation == "bilinear" else 2.0
+        assert float((got - want).abs().max()) <= levels * unit, pre
 
 
 def test_digits_test_split_epsilon_32_flips_most_correct_digits(digits):
@@ -210,7 +212,7 @@ def test_chelsea_epsilon_4_fools_lite0_and_transfers_weaker_to_lite1(model_cache
     much more than the transfer model, as VGG16's FGSM panda did not fool ResNet-101."""
     lite0 = model_cache.get("efficientnet-lite0")
     context = JobContext(Path("."), Path("."), models=model_cache)
-    p = AdversarialParams(transfer_models=["efficientnet-lite1"])
+    p = AdversarialParams(transfer_models=["efficientnet-lite1"], resize="stretch")  # the figures' preprocessing
     inputs = load_inputs(lite0, [png(chelsea)], p)
     result = adv.run(lite0, inputs, p, no_progress, context=context)
     source, transfer = result.summary["images"][0]["models"]

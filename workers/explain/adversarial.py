@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from schemas.errors import BadParams
 from schemas.inspector import AdversarialParams
-from schemas.models import Preprocessing
+from schemas.models import Preprocessing, crop_box
 from workers import render
 from workers.explain import map_metrics
 from workers.explain.base import Artifact, Inputs, KindResult, LoadedModel, ProgressFn, no_progress
@@ -146,8 +146,8 @@ def to_8bit(adv: torch.Tensor, original: torch.Tensor, epsilon: float) -> torch.
 def to_input(u: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     """Pixel-space images ``(N, C, H, W)`` (any size) as the input of a model with
     preprocessing ``pre``: grey <-> RGB (ITU-R 601 luma, as Pillow's ``convert("L")``),
-    resized (``stretch`` or ``shorter_side_center_crop``, as :func:`workers.registry.preprocess`),
-    normalised."""
+    cropped to :func:`schemas.models.crop_box` and resized with the manifest's interpolation (as
+    :func:`workers.registry.preprocess`), normalised."""
     c = 1 if pre.mode == "L" else 3
     if u.shape[1] == 3 and c == 1:
         u = (u * torch.tensor([0.299, 0.587, 0.114], device=u.device)[:, None, None]).sum(1, keepdim=True)
@@ -155,15 +155,10 @@ def to_input(u: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
         u = u.expand(-1, 3, -1, -1)
     h, w = pre.size
     uh, uw = u.shape[2:]
-    if (uh, uw) != (h, w):
-        if pre.resize == "shorter_side_center_crop":
-            s = max(h / uh, w / uw)
-            nh, nw = max(h, round(uh * s)), max(w, round(uw * s))
-            u = F.interpolate(u, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-            top, left = (nh - h) // 2, (nw - w) // 2
-            u = u[:, :, top : top + h, left : left + w]
-        else:
-            u = F.interpolate(u, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    if (uh, uw) != (h, w):  # at the model's size already (the source model's own input): as is
+        left, top, right, bottom = crop_box(uw, uh, pre)
+        u = u[:, :, top:bottom, left:right]
+        u = F.interpolate(u, size=(h, w), mode=pre.interpolation, align_corners=False, antialias=True).clamp(0, 1)
     return PixelSpace.of(pre, c).to_model(u.contiguous())
 
 
