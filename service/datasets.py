@@ -42,6 +42,7 @@ from schemas.datasets import (
     UPLOAD_FIELD,
     DatasetDetail,
     DatasetInfo,
+    DatasetParams,
     StoredDataset,
     ZipDataset,
     check_dataset_zip,
@@ -412,8 +413,7 @@ def check_job(
     named = dataset is not None and dataset not in ("test", "train", "uploaded")
     if named and n_images:
         raise BadParams(f"give images or a dataset, not both ({n_images} images and dataset {dataset!r})")
-    if "dataset" in type(params).model_fields and "limit" in type(params).model_fields and dataset is None \
-            and not n_images:  # fmt: skip
+    if isinstance(params, DatasetParams) and dataset is None and not n_images:
         raise BadParams("give images or a dataset (POST /v1/datasets, or model:<split>)")
     if getattr(params, "training_set", None) is not None and files and "training_set" in files:
         raise BadParams("give a training_set data set id or a training_set zip, not both")
