@@ -54,8 +54,9 @@ def top_classes(probs: torch.Tensor, labels: list[str], k: int) -> list[dict[str
 def masks_for(model: LoadedModel, inputs: Inputs, params: Any, files: dict[str, bytes]) -> list[torch.Tensor]:
     """One ``(H, W)`` bool mask per image: ``params.region`` or the ``signal_mask`` upload,
     mapped through the preprocessing (BadParams when outside the crop / the whole image)."""
-    sizes = inputs.sizes or [tuple(inputs.images.shape[2:])] * len(inputs)
-    return [torch.from_numpy(signal_mask(params.region, files, s, model.manifest)) for s in sizes]  # type: ignore[arg-type]
+    h, w = inputs.images.shape[2:]
+    sizes = inputs.sizes or [(int(h), int(w))] * len(inputs)
+    return [torch.from_numpy(signal_mask(params.region, files, s, model.manifest)) for s in sizes]
 
 
 def evaluate(model: LoadedModel, batch: torch.Tensor, chunk: int, progress: ProgressFn, done: int, total: int,
@@ -77,12 +78,14 @@ def run(
     files = getattr(context, "files", {}) or {}
     transforms: list[Transform] = params.transforms or default_transforms((h, w))
     RobustnessParams.check_model(params, model.manifest)
-    masks = masks_for(model, inputs, params, files) if params.apply_to != "image" else [None] * n
+    masks: list[torch.Tensor | None] = [None] * n
+    if params.apply_to != "image":
+        masks = list(masks_for(model, inputs, params, files))
     space = PixelSpace.of(model.manifest.preprocessing, c)
     labels = model.manifest.labels
     chunk = params.batch_size or model.batch_size
     total = n * len(transforms)
-    rows: list[dict[str, Any]] = []
+    rows: list[list[Any]] = []
     images: list[dict[str, Any]] = []
     batches: list[torch.Tensor] = []
     build_s = eval_s = attr_s = 0.0
@@ -136,7 +139,7 @@ def run(
                     "predicted": predicted0,
                     "predicted_label": labels[predicted0],
                 },
-                "region_fraction": None if masks[i] is None else float(masks[i].float().mean()),
+                "region_fraction": None if (mask := masks[i]) is None else float(mask.float().mean()),
                 "flipped": sum(r["flipped"] for r in results),
                 "transforms": results,
             }
