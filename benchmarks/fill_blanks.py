@@ -4,7 +4,8 @@ Cases (each the kind's own code on the model as the worker loads it, ``ModelCach
 
 - ``fill_blanks`` random masking on digits-cnn (``--digits-images`` test digits, ``--min-kept``
   kept draws each: the paper's 10,000 by default) and on efficientnet-lite0 (the cat photo,
-  ``--lite0-min-kept``), PNGs included;
+  ``--lite0-min-kept``, with ``EXAMPLES["random"]``'s 16 px patches and mean fill: with the
+  defaults no draw is kept), PNGs included;
 - ``fill_blanks_consistency`` on digits-cnn's first ``--consistency-images`` test digits,
   both maskings (``--consistency-min-kept``), in one process.
 
@@ -247,7 +248,7 @@ def main() -> None:
         lim = Limit(lite0, args.lite0_grad_batches, [1, 4, 8, 16, 32], args.measure_s)
         report["efficientnet-lite0"] = lim.describe()
         chelsea = chelsea_inputs(lite0)
-        lp = FillBlanksParams(min_kept=args.lite0_min_kept, max_masks=10 * args.lite0_min_kept)
+        lp = FillBlanksParams.model_validate({**EXAMPLES["random"], "min_kept": args.lite0_min_kept})
         rows.append(
             case(
                 "fill_blanks random, efficientnet-lite0",
