@@ -19,7 +19,7 @@ jobs the load drifts between the throughput measurement and a case minutes later
     python benchmarks/fill_blanks.py [--digits-images 2] [--min-kept 10000] [--lite0-min-kept 200]
                                      [--consistency-images 8] [--consistency-min-kept 2000]
                                      [--skip-lite0] [--json out.json]
-    python benchmarks/fill_blanks.py --table1 docs/fill_blanks/table1   # Table 1, 360 test digits
+    python benchmarks/fill_blanks.py --table1 docs/fill_blanks/table1 [--processes 4]  # Table 1, 360 digits
     python benchmarks/fill_blanks.py --example docs/fill_blanks/lite0   # efficientnet-lite0, chelsea
 """
 
@@ -156,13 +156,51 @@ def progress_printer() -> Callable[[int, int, str], None]:
     return report
 
 
-def table1(cache: Any, out: Path) -> None:
-    """The whole test split (360 digits), both maskings, the paper's knobs, Fig. 4's ablation."""
+TABLE1 = {"ablation": {"mask_ratios": [0.25, 0.5, 0.75], "patch_sizes": [1, 2, 4]}, "images_per_chunk": 20}
+
+
+def _chunk_process(args: tuple[str, dict[str, Any], dict[str, Any], str]) -> str:
+    """One process (one thread): one chunk of the Table 1 job, its partial written to a file."""
+    models_dir, params_json, chunk, path = args
+    torch.set_num_threads(1)
+    cache = model_cache(Path(models_dir))
+    params = FillBlanksConsistencyParams.model_validate(params_json)
+    partial = fill_blanks_consistency.run_chunk(cache.get("digits-cnn"), None, params, chunk, no_progress)
+    Path(path).write_text(json.dumps(partial))
+    print(time.strftime("%H:%M:%S"), "chunk", chunk["chunk"], "done", os.getloadavg(), flush=True)
+    return path
+
+
+def table1(cache: Any, out: Path, models_dir: Path, processes: int) -> None:
+    """The whole test split (360 digits), both maskings, the paper's knobs, Fig. 4's ablation;
+    chunks in ``processes`` processes (as that many one-thread workers would share them), each
+    partial kept in ``out/partials`` (a rerun computes only the missing ones)."""
+    from multiprocessing import get_context
+
     model = cache.get("digits-cnn")
-    params = FillBlanksConsistencyParams(ablation={"mask_ratios": [0.1, 0.25, 0.5], "patch_sizes": [1, 2, 4]})
+    params = FillBlanksConsistencyParams.model_validate(TABLE1)
+    chunks = fill_blanks_consistency.plan(model, None, params)
+    (out / "partials").mkdir(parents=True, exist_ok=True)
+    paths = [out / "partials" / f"{c['chunk']}.json" for c in chunks]
+    todo = [
+        (str(models_dir), params.model_dump(mode="json"), c, str(p))
+        for c, p in zip(chunks, paths, strict=True)
+        if not p.exists()
+    ]
+    todo.sort(key=lambda t: -int(t[2].get("ablation", 0)))  # the longest chunk first
     load, t0 = os.getloadavg(), time.perf_counter()
-    result = fill_blanks_consistency.run(model, None, params, progress_printer())
-    extra = {"wall_s": round(time.perf_counter() - t0, 1), "load_avg_start": load, "load_avg_end": os.getloadavg()}
+    with get_context("spawn").Pool(processes) as pool:
+        for _ in pool.imap_unordered(_chunk_process, todo):
+            pass
+    partials = [json.loads(p.read_text()) for p in paths]
+    result = fill_blanks_consistency.aggregate(model, None, params, partials)
+    extra = {
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "processes": processes,
+        "chunks_run": len(todo),
+        "load_avg_start": load,
+        "load_avg_end": os.getloadavg(),
+    }
     write(result, out, {**extra, "params": params.model_dump(mode="json")})
     print(json.dumps(result.summary["table1"], indent=1), extra)
 
@@ -204,12 +242,13 @@ def main() -> None:
     ap.add_argument("--skip-lite0", action="store_true")
     ap.add_argument("--table1", type=Path, help="run Table 1 on the whole test split, write its files here")
     ap.add_argument("--example", type=Path, help="run the efficientnet-lite0 example, write its files here")
+    ap.add_argument("--processes", type=int, default=1, help="--table1: chunks in this many processes")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     cache = model_cache(args.models_dir)
     if args.table1 or args.example:
         if args.table1:
-            table1(cache, args.table1)
+            table1(cache, args.table1, args.models_dir, args.processes)
         if args.example:
             example(cache, args.example)
         return
