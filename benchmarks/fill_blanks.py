@@ -4,7 +4,8 @@ Cases (each the kind's own code on the model as the worker loads it, ``ModelCach
 
 - ``fill_blanks`` random masking on digits-cnn (``--digits-images`` test digits, ``--min-kept``
   kept draws each: the paper's 10,000 by default) and on efficientnet-lite0 (the cat photo,
-  ``--lite0-min-kept``), PNGs included;
+  ``--lite0-min-kept``, with ``EXAMPLES["random"]``'s 16 px patches and mean fill: with the
+  defaults no draw is kept), PNGs included;
 - ``fill_blanks_consistency`` on digits-cnn's first ``--consistency-images`` test digits,
   both maskings (``--consistency-min-kept``), in one process.
 
@@ -18,7 +19,7 @@ jobs the load drifts between the throughput measurement and a case minutes later
     python benchmarks/fill_blanks.py [--digits-images 2] [--min-kept 10000] [--lite0-min-kept 200]
                                      [--consistency-images 8] [--consistency-min-kept 2000]
                                      [--skip-lite0] [--json out.json]
-    python benchmarks/fill_blanks.py --table1 docs/fill_blanks/table1   # Table 1, 360 test digits
+    python benchmarks/fill_blanks.py --table1 docs/fill_blanks/table1 [--processes 4]  # Table 1, 360 digits
     python benchmarks/fill_blanks.py --example docs/fill_blanks/lite0   # efficientnet-lite0, chelsea
 """
 
@@ -41,18 +42,11 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from benchmarks.attributions import best_throughput  # noqa: E402
+from benchmarks.u_analysis import model_cache  # noqa: E402
 from schemas.fill_blanks import FillBlanksConsistencyParams, FillBlanksParams  # noqa: E402
 from workers.engine import eager_grad_pass  # noqa: E402
 from workers.explain import fill_blanks, fill_blanks_consistency  # noqa: E402
 from workers.explain.base import Inputs, KindResult, LoadedModel, no_progress  # noqa: E402
-
-
-def model_cache(models_dir: Path) -> Any:
-    from workers.registry import ModelCache, prepare_builtin_models
-
-    models_dir.mkdir(parents=True, exist_ok=True)
-    prepare_builtin_models(models_dir)
-    return ModelCache(models_dir, ROOT / "var" / "cache", device="cpu")
 
 
 def digits_inputs(model: LoadedModel, n: int) -> Inputs:
@@ -162,28 +156,76 @@ def progress_printer() -> Callable[[int, int, str], None]:
     return report
 
 
-def table1(cache: Any, out: Path) -> None:
-    """The whole test split (360 digits), both maskings, the paper's knobs, Fig. 4's ablation."""
+TABLE1 = {"ablation": {"mask_ratios": [0.25, 0.5, 0.75], "patch_sizes": [1, 2, 4]}, "images_per_chunk": 20}
+
+
+def _chunk_process(args: tuple[str, dict[str, Any], dict[str, Any], str]) -> str:
+    """One process (one thread): one chunk of the Table 1 job, its partial written to a file."""
+    models_dir, params_json, chunk, path = args
+    torch.set_num_threads(1)
+    cache = model_cache(Path(models_dir))
+    params = FillBlanksConsistencyParams.model_validate(params_json)
+    partial = fill_blanks_consistency.run_chunk(cache.get("digits-cnn"), None, params, chunk, no_progress)
+    Path(path).write_text(json.dumps(partial))
+    print(time.strftime("%H:%M:%S"), "chunk", chunk["chunk"], "done", os.getloadavg(), flush=True)
+    return path
+
+
+def table1(cache: Any, out: Path, models_dir: Path, processes: int) -> None:
+    """The whole test split (360 digits), both maskings, the paper's knobs, Fig. 4's ablation;
+    chunks in ``processes`` processes (as that many one-thread workers would share them), each
+    partial kept in ``out/partials`` (a rerun computes only the missing ones)."""
+    from multiprocessing import get_context
+
     model = cache.get("digits-cnn")
-    params = FillBlanksConsistencyParams(ablation={"mask_ratios": [0.1, 0.25, 0.5], "patch_sizes": [1, 2, 4]})
+    params = FillBlanksConsistencyParams.model_validate(TABLE1)
+    chunks = fill_blanks_consistency.plan(model, None, params)
+    (out / "partials").mkdir(parents=True, exist_ok=True)
+    paths = [out / "partials" / f"{c['chunk']}.json" for c in chunks]
+    todo = [
+        (str(models_dir), params.model_dump(mode="json"), c, str(p))
+        for c, p in zip(chunks, paths, strict=True)
+        if not p.exists()
+    ]
+    todo.sort(key=lambda t: -int(t[2].get("ablation", 0)))  # the longest chunk first
     load, t0 = os.getloadavg(), time.perf_counter()
-    result = fill_blanks_consistency.run(model, None, params, progress_printer())
-    extra = {"wall_s": round(time.perf_counter() - t0, 1), "load_avg_start": load, "load_avg_end": os.getloadavg()}
+    with get_context("spawn").Pool(processes) as pool:
+        for _ in pool.imap_unordered(_chunk_process, todo):
+            pass
+    partials = [json.loads(p.read_text()) for p in paths]
+    result = fill_blanks_consistency.aggregate(model, None, params, partials)
+    extra = {
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "processes": processes,
+        "chunks_run": len(todo),
+        "load_avg_start": load,
+        "load_avg_end": os.getloadavg(),
+    }
     write(result, out, {**extra, "params": params.model_dump(mode="json")})
     print(json.dumps(result.summary["table1"], indent=1), extra)
 
 
+EXAMPLES: dict[str, dict[str, Any]] = {
+    # the defaults: 25% of 2 px patches set to black; every such draw reads "Persian cat"
+    "defaults": {"masking": "random", "min_kept": 200, "max_masks": 400},
+    # the paper's 14 x 14 patch grid (28 px MNIST, 2 px patches) on 224 px: 16 px patches; the
+    # fill is the normalisation mean, i.e. the mask's product with the *normalised* input
+    "random": {"masking": "random", "min_kept": 200, "max_masks": 2000, "patch_size": 16, "fill": "dataset_mean"},
+    "progressive": {"masking": "progressive", "patch_size": 16, "fill": "dataset_mean"},
+}
+
+
 def example(cache: Any, out: Path) -> None:
-    """efficientnet-lite0 on the cat photo, both maskings, 200 kept draws (random)."""
+    """efficientnet-lite0 on the cat photo: ``EXAMPLES`` (200 kept draws for random masking)."""
     model = cache.get("efficientnet-lite0")
     inputs = chelsea_inputs(model)
-    for masking in ("random", "progressive"):
-        params = FillBlanksParams(masking=masking, min_kept=200, max_masks=2000)
+    for name, knobs in EXAMPLES.items():
+        params = FillBlanksParams.model_validate(knobs)
         t0 = time.perf_counter()
         result = fill_blanks.run(model, inputs, params, progress_printer())
         extra = {"wall_s": round(time.perf_counter() - t0, 1), "load_avg": os.getloadavg()}
-        write(result, out / masking, {**extra, "params": params.model_dump(mode="json")})
-        print(masking, json.dumps(result.summary["images"][0])[:400], extra)
+        write(result, out / name, {**extra, "params": params.model_dump(mode="json")})
+        print(name, json.dumps(result.summary["images"][0])[:400], extra, flush=True)
 
 
 def main() -> None:
@@ -200,12 +242,13 @@ def main() -> None:
     ap.add_argument("--skip-lite0", action="store_true")
     ap.add_argument("--table1", type=Path, help="run Table 1 on the whole test split, write its files here")
     ap.add_argument("--example", type=Path, help="run the efficientnet-lite0 example, write its files here")
+    ap.add_argument("--processes", type=int, default=1, help="--table1: chunks in this many processes")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     cache = model_cache(args.models_dir)
     if args.table1 or args.example:
         if args.table1:
-            table1(cache, args.table1)
+            table1(cache, args.table1, args.models_dir, args.processes)
         if args.example:
             example(cache, args.example)
         return
@@ -244,7 +287,7 @@ def main() -> None:
         lim = Limit(lite0, args.lite0_grad_batches, [1, 4, 8, 16, 32], args.measure_s)
         report["efficientnet-lite0"] = lim.describe()
         chelsea = chelsea_inputs(lite0)
-        lp = FillBlanksParams(min_kept=args.lite0_min_kept, max_masks=10 * args.lite0_min_kept)
+        lp = FillBlanksParams.model_validate({**EXAMPLES["random"], "min_kept": args.lite0_min_kept})
         rows.append(
             case(
                 "fill_blanks random, efficientnet-lite0",

@@ -9,21 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import digit_png, png, submit, wait_for
-
-
-def finished(client, r, timeout=300):
-    assert r.status_code in (200, 202), r.text
-    view, _ = wait_for(client, r.json()["id"], timeout=timeout)
-    assert view["status"] == "finished", view
-    return view
-
-
-def artifact(client, view, name):
-    links = {a["name"]: a["url"] for a in view["artifacts"]}
-    r = client.get(links[name])
-    assert r.status_code == 200
-    return r.content
+from tests.helpers import digit_png, png, submit
+from tests.service.test_kinds_api import artifact, finished
 
 
 @pytest.mark.parametrize("masking", ["random", "progressive"])

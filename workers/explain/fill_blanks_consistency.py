@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from schemas.errors import BadParams
-from schemas.fill_blanks import FillBlanksConsistencyParams
+from schemas.fill_blanks import FillBlanksConsistencyParams, check_masks
 from workers import render
 from workers.explain.base import Artifact, Inputs, KindResult, LoadedModel, ProgressFn, no_progress
 from workers.explain.fill_blanks import figures, statistics
@@ -287,6 +287,10 @@ def plan(
     h, w = images.shape[2:]
     for masking in params.maskings:
         params.check_image((h, w), masking)
+    if params.ablation is not None:  # fail before any chunk runs
+        for patch in params.ablation.patch_sizes:
+            for ratio in params.ablation.mask_ratios:
+                check_masks(patch, ratio, params.k, (h, w), "random")
     chunks = plan_sweep(params, len(images))
     if params.ablation is not None:
         if params.ablation.image >= len(images):

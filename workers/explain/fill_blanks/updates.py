@@ -181,15 +181,18 @@ def random_fill(
     draws = kept = correct = 0
     first: tuple[torch.Tensor, int] | None = None
     while kept < params.min_kept and draws < params.max_masks:
-        b = min(per_pass, params.max_masks - draws)
-        if kept:  # the last pass: about the draws still needed at the rate seen so far
-            b = min(b, max(8, math.ceil(1.1 * (params.min_kept - kept) * draws / kept)))
+        b, need = min(per_pass, params.max_masks - draws), params.min_kept - kept
+        if not params.keep_correct:
+            b = min(b, need)
+        elif kept:  # about the draws still needed at the rate seen so far
+            b = min(b, max(8, math.ceil(1.1 * need * draws / kept)))
+        elif not draws:  # a first guess: half the draws kept
+            b = min(b, 2 * need + 8)
         pix = torch.from_numpy(mk.pixels(grid, draws_of.next(b))).to(x.device)
         dx, pred, _ = update(model, mk.apply(x, z, pix), label.expand(b), params, space)
         ok = pred == y
         use = ok.clone() if params.keep_correct else torch.ones_like(ok)
         rows = torch.nonzero(use).flatten()
-        need = params.min_kept - kept
         cut = int(rows[need - 1]) + 1 if len(rows) >= need else b
         use[cut:] = False
         draws, correct, kept = draws + cut, correct + int(ok[:cut].sum()), kept + int(use.sum())
