@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI
 
+import service.routes.ui
 from schemas.manifests import ModelRegistry
 from schemas.settings import Settings, get_settings
 from service.auth import authenticate, install_auth
@@ -12,7 +13,6 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.openapi import ERRORS
 from service.routes import health, jobs, methods, models
-from service.routes.ui import install_ui
 from service.uploads import BodySizeLimit, body_limit
 
 
@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)  # probes and metrics stay open
     for r in (models.router, methods.router, jobs.router):
         app.include_router(r, dependencies=[Depends(authenticate)], responses={401: ERRORS[401]})
-    install_ui(app)  # the web page: no key (it holds no data), not in the OpenAPI schema
+    service.routes.ui.install_ui(app)  # the web page: no key (it holds no data), not in the OpenAPI schema
     return app
 
 

@@ -86,23 +86,20 @@ def heatmap_png(map2d: np.ndarray, min_side: int = 224) -> bytes:
     return png_bytes(_fit(rgb, (h * k, w * k)))
 
 
-def _display_size(image: np.ndarray, min_side: int) -> tuple[int, int]:
-    """``(H, W)`` of ``image`` upscaled by a whole factor until its longer side is ``min_side``."""
+def image_png(image: np.ndarray, min_side: int = 224) -> bytes:
+    """``image`` (``(H, W, 3)`` uint8, the input at model size) as a PNG upscaled exactly as
+    :func:`overlay_png` upscales it, so a page can lay the heatmap over it pixel for pixel."""
     h, w = image.shape[:2]
     k = max(1, -(-min_side // max(h, w)))
-    return h * k, w * k
-
-
-def image_png(image: np.ndarray, min_side: int = 224) -> bytes:
-    """``image`` (``(H, W, 3)`` uint8, the input at model size) as a PNG at the size of
-    :func:`overlay_png`'s output, so a page can lay the heatmap over it pixel for pixel."""
-    return png_bytes(_fit(image, _display_size(image, min_side)))
+    return png_bytes(_fit(image, (h * k, w * k)))
 
 
 def overlay_png(map2d: np.ndarray, image: np.ndarray, alpha: float = 0.55, min_side: int = 224) -> bytes:
     """The heatmap blended over ``image`` (``(H, W, 3)`` uint8), weighted by the map's magnitude
     so unimportant regions show the image itself."""
-    size = _display_size(image, min_side)
+    h, w = image.shape[:2]
+    k = max(1, -(-min_side // max(h, w)))
+    size = (h * k, w * k)
     base = _fit(image, size).astype(np.float32)
     colour = _fit(_colour(map2d), size).astype(np.float32)
     scaled, _ = normalise(map2d)
