@@ -96,8 +96,8 @@ def _display_size(image: np.ndarray, min_side: int) -> tuple[int, int]:
 
 
 def image_png(image: np.ndarray, min_side: int = 224) -> bytes:
-    """``image`` (``(H, W, 3)`` uint8, the input at model size) as a PNG at the size of
-    :func:`overlay_png`'s output, so a page can lay the heatmap over it pixel for pixel."""
+    """``image`` (``(H, W, 3)`` uint8, the input at model size) as a PNG upscaled exactly as
+    :func:`overlay_png` upscales it, so a page can lay the heatmap over it pixel for pixel."""
     return png_bytes(_fit(image, _display_size(image, min_side)))
 
 
