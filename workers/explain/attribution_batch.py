@@ -219,11 +219,13 @@ def run(model: LoadedModel, inputs: Inputs, params: AttributionBatchParams, prog
         context: JobContext) -> KindResult:  # fmt: skip
     """Every chunk in this process (for direct calls and tests): plan, run_chunk, aggregate."""
     chunks = plan(model, inputs, params, context)
-    total = sum(chunk_units(c) for c in chunks)
+    n_images = sum(chunk_units(c) for c in chunks)
     results = []
     for c in chunks:
-        def report(done: int, _: int, stage: str, first: int = c["start"]) -> None:
-            progress(first + done, total, stage)
+        first = c["start"]
+
+        def report(done: int, total: int, stage: str) -> None:
+            progress(first + done, n_images, stage)  # noqa: B023 (used before the loop moves on)
 
         results.append(run_chunk(model, inputs, params, c, report, context))
     return aggregate(model, inputs, params, results, context)
