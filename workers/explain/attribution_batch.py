@@ -133,7 +133,8 @@ def run_chunk(
     start, stop = chunk["start"], chunk["stop"]
     path = maps_path(context)
     method = params.attribution.model_copy(update={"batch_size": params.batch_size})
-    batch = params.batch_size or model.grad_batch_size
+    # Decode batches big enough for a forward chunk; attribute() cuts each into gradient chunks.
+    batch = max(params.batch_size or model.grad_batch_size, model.batch_size)
     rows: list[dict[str, Any]] = []
     for s, x, _ in source.batches(start, stop, batch):
         t1 = time.perf_counter()
