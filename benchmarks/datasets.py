@@ -149,7 +149,11 @@ def part_batch(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> None
     for s in range(0, len(members), model.grad_batch_size):
         _read_zip_images(archive, members[s : s + model.grad_batch_size], model.manifest.preprocessing)
     decode_s = time.perf_counter() - t0
-    params = {"images_per_chunk": 64, "dtype": "float16"}
+    # The job's gradient chunk: --batch-size, or "measured" (the worker's own measurement,
+    # model.grad_batch_size), or "best" (the best of this run's limit measurement).
+    chunk = {"measured": None, "best": grad_bs}.get(args.batch_size, None)
+    chunk = int(args.batch_size) if args.batch_size.isdigit() else chunk
+    params = {"images_per_chunk": 64, "dtype": "float16", "batch_size": chunk}
     before = RssSampler.now_mb()
     with RssSampler() as sampler:
         _, wall = run_job(model, archive, tmp, "bench-batch", params)
@@ -157,7 +161,9 @@ def part_batch(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> None
     limit_grad = n / grad_ips
     limit = n / fwd_ips + limit_grad
     out["batch"] = {
-        "model": args.model, "images": n, "engine": model.engine_name, "grad_batch_size": model.grad_batch_size,
+        "model": args.model, "images": n, "engine": model.engine_name,
+        "measured_grad_batch_size": model.grad_batch_size, "job_batch_size": chunk or model.grad_batch_size,
+        "forward_batch_size": model.batch_size,
         "fwd_ips": round(fwd_ips, 2), "fwd_best_batch": fwd_bs, "grad_ips": round(grad_ips, 2),
         "grad_best_batch": grad_bs, "limit_fwd_plus_grad_s": round(limit, 2), "limit_grad_only_s": round(limit_grad, 2),
         "decode_alone_s": round(decode_s, 2), "job_s": round(wall, 2), "job_over_limit": round(wall / limit, 3),
@@ -244,6 +250,7 @@ def main() -> None:
     ap.add_argument("--models-dir", default=str(ROOT / "var" / "models"))
     ap.add_argument("--cache-dir", default=str(ROOT / "var" / "cache"), help="engine exports, batch sizes")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", default="best", help="the job's gradient chunk: best (of this run), measured, N")
     ap.add_argument("--min-time", type=float, default=3.0, help="seconds per batch size when measuring the limit")
     ap.add_argument("--json")
     args = ap.parse_args()

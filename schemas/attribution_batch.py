@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
-
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, model_validator
 
 from schemas.attribution import AttributionMethod, AttributionParams, check_supported
 from schemas.datasets import DATASET_FIELD_DESCRIPTION, DATASET_REF_PATTERN, DatasetParams

@@ -37,7 +37,7 @@ class _Buffer:
 def zip_stream(entries: list[tuple[str, bytes | Path]]) -> Iterator[bytes]:
     """The archive's bytes, a block at a time; memory holds about one block."""
     buf = _Buffer()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:  # type: ignore[arg-type]
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:  # type: ignore[call-overload]
         for name, source in entries:
             with zf.open(name, "w", force_zip64=isinstance(source, Path)) as out:
                 if isinstance(source, Path):

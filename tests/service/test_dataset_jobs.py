@@ -126,7 +126,7 @@ def test_attribution_batch_and_u_sweep_over_an_uploaded_set(client, model_cache)
     assert r.status_code == 202, r.text
     sweep, _ = wait_for(client, r.json()["id"], timeout=300)
     assert sweep["status"] == "finished", sweep
-    assert sweep["result"]["images"] == 60 and sweep["result"]["configurations"] == 1
+    assert sweep["result"]["images"] == 40 and sweep["result"]["configurations"] == 1
     assert client.delete(f"/v1/datasets/{ds['id']}").status_code == 204
 
 

@@ -133,7 +133,8 @@ def run_chunk(
     start, stop = chunk["start"], chunk["stop"]
     path = maps_path(context)
     method = params.attribution.model_copy(update={"batch_size": params.batch_size})
-    batch = params.batch_size or model.grad_batch_size
+    # Decode batches big enough for a forward chunk; attribute() cuts each into gradient chunks.
+    batch = max(params.batch_size or model.grad_batch_size, model.batch_size)
     rows: list[dict[str, Any]] = []
     for s, x, _ in source.batches(start, stop, batch):
         t1 = time.perf_counter()
@@ -219,11 +220,13 @@ def run(model: LoadedModel, inputs: Inputs, params: AttributionBatchParams, prog
         context: JobContext) -> KindResult:  # fmt: skip
     """Every chunk in this process (for direct calls and tests): plan, run_chunk, aggregate."""
     chunks = plan(model, inputs, params, context)
-    total = sum(chunk_units(c) for c in chunks)
+    n_images = sum(chunk_units(c) for c in chunks)
     results = []
     for c in chunks:
-        def report(done: int, _: int, stage: str, first: int = c["start"]) -> None:
-            progress(first + done, total, stage)
+        first = c["start"]
+
+        def report(done: int, total: int, stage: str) -> None:
+            progress(first + done, n_images, stage)  # noqa: B023 (used before the loop moves on)
 
         results.append(run_chunk(model, inputs, params, c, report, context))
     return aggregate(model, inputs, params, results, context)

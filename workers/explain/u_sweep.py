@@ -6,7 +6,11 @@ different patch sizes, resulting in 900 runs for each dataset", and Fig. 4).
 
 Each configuration of each image is exactly the ``u_analysis`` kind on that image (same
 regions, order, noise and seeds: image number = its index in the data set), with the
-image's label as the target. The work is split for child jobs:
+image's label as the target (its predicted class when it has none). The data set is the
+``dataset`` param (``workers.dataset_source``): an uploaded data set (each chunk reads only
+its own images from the zip), the model's registered data (``model:<split>``; ``test`` and
+``train`` as before), or the request's images (``uploaded``, labels = ``target``). The work is
+split for child jobs:
 
 - ``plan_sweep(params, n_images)``: the chunks of images (``images_per_chunk`` each);
 - ``run_sweep_chunk(model, images, labels, params, progress, first_index)``: a JSON-able
