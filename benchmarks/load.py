@@ -297,6 +297,7 @@ def main() -> None:
     redis_port, api_port = free_port(), free_port()
     cache = os.environ.get("INSPECTOR_CACHE_DIR", str(ROOT / "var" / "cache"))
     env = stack_env(redis_port, args.models_dir, INSPECTOR_CACHE_DIR=cache)
+    env.setdefault("INSPECTOR_WARM_MODELS", "none")  # workers warm what they preload, nothing else
     base = f"http://127.0.0.1:{api_port}"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     procs = start_stack(env, redis_port, api_port, ROOT)

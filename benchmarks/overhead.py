@@ -44,6 +44,7 @@ def main() -> None:
     image, _ = digit_png(0)
     redis_port, api_port = free_port(), free_port()
     env = dict(os.environ, INSPECTOR_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", INSPECTOR_DEVICE="cpu")
+    env.setdefault("INSPECTOR_WARM_MODELS", "none")  # the worker warms what it preloads, nothing else
     procs = [
         subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
                          stdout=subprocess.DEVNULL),

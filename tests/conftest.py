@@ -176,9 +176,13 @@ def start_worker(settings, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers", "worker", *extra], env=settings_env(settings), cwd=ROOT
     )
+    from schemas import keys
+
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if {w.name for w in Worker.all(connection=conn)} - before:
+        new = {w.name for w in Worker.all(connection=conn)} - before
+        # registered, and ready (workers.warmup: it takes work, so /readyz counts it)
+        if any(b'"ready":true' in (conn.get(keys.warm_key(name)) or b"") for name in new):
             return proc
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}")

@@ -294,7 +294,7 @@ def ort_forward(path: Path, device: torch.device, threads: int, spin_wait: bool 
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     # No CPU arena: ONNX Runtime's arena keeps the activations of the largest batch it ever
-    # ran for the life of the session (efficientnet-lite0, batch 32: +300 MB that no trim
+    # ran for the life of the session (efficientnet-lite0, batch 32: +340 MB that no trim
     # returns). Plain malloc gives them back to glibc, whose settings (workers.allocator)
     # keep them for the next batch within a job, and the worker trims after each job.
     so.enable_cpu_mem_arena = False

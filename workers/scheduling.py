@@ -5,10 +5,11 @@ process, the holder of ``rq:scheduler-lock:<queue>``, a lock it renews every sec
 expires 61 s after its last renewal. When the worker whose scheduler holds it is killed,
 nobody can take the lock for that minute (in a one-worker deployment, every death), so a
 retry due in 1 s ran a minute late. Every worker's heartbeat therefore looks at the holder
-of each of its queues' locks: when the holder is dead (its process is gone, on this host, or
-it has not beaten for :data:`STALE_S` s; or the lock is not held at all) the heartbeat moves
-the due jobs itself. Each job moves in a transaction watched on the registry, so two workers
-doing it at once, or a scheduler that comes back, never enqueue a job twice.
+of each of its queues' locks: when the holder is dead (on this host: its process is gone
+and it missed two beats; anywhere: no beat for :data:`STALE_S` s; or the lock is not held
+at all) the heartbeat moves the due jobs itself. Each job moves in a transaction watched
+on the registry, so two workers doing it at once never enqueue a job twice (nor does a
+scheduler that takes the lock over, unless it read the registry just before our move).
 """
 
 from __future__ import annotations
@@ -32,24 +33,29 @@ log = logging.getLogger(__name__)
 
 STALE_S = 10.0
 """A scheduler whose last heartbeat (RQ: every second) is older than this is dead."""
+MISSED_S = 2.5
+"""A scheduler on this host that missed two beats and whose process is gone is dead."""
 
 
 def scheduler_alive(conn: Redis, name: str, stale_s: float = STALE_S) -> bool:
-    """Whether the RQ scheduler ``name`` is alive: its metadata hash exists, it beat within
-    ``stale_s`` seconds and, when it runs on this host, its process exists."""
+    """Whether the RQ scheduler ``name`` is alive: its metadata hash exists and it beat within
+    ``stale_s`` seconds; or, when it runs on this host and its process is gone, within
+    :data:`MISSED_S` (a process of the same name in another PID namespace on a host of the
+    same name, e.g. host networking, is never taken for dead while it beats)."""
     host, pid, beat = (as_text(v) if v is not None else None for v in conn.hmget(
         SCHEDULER_KEY_TEMPLATE % name, ["hostname", "pid", "last_heartbeat"]
     ))  # fmt: skip
     if beat is None:
         return False
-    if host == socket.gethostname() and pid:
+    age = time.time() - utcparse(beat).timestamp()
+    if age >= MISSED_S and host == socket.gethostname() and pid:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             return False
         except (PermissionError, ValueError):
             pass
-    return time.time() - utcparse(beat).timestamp() < stale_s
+    return age < stale_s
 
 
 def _move(conn: Redis, registry: ScheduledJobRegistry, queue: Queue, job_id: str) -> bool:
