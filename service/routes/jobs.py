@@ -150,7 +150,7 @@ async def download(job_id: str, conn: RedisDep, settings: SettingsDep, tenant: T
     view = await asyncio.to_thread(jobs.view, job, conn, settings.public_url)
     if view.status is not JobStatus.finished:
         raise UnknownArtifact(f"job {job_id!r} is {view.status.value}: results are downloadable once it finished")
-    entries = [("result.json", view.model_dump_json(indent=2).encode())]
+    entries: list[tuple[str, bytes | Path]] = [("result.json", view.model_dump_json(indent=2).encode())]
     for link in await asyncio.to_thread(jobs.artifact_links, job):
         found = await asyncio.to_thread(jobs.artifact, conn, job, link["name"], settings.data_dir)
         if found is not None:

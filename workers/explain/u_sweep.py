@@ -394,6 +394,8 @@ def source(
             return images[torch.from_numpy(index).to(images.device)], []
 
         src = DatasetSource("uploaded", [f"upload/{i}" for i in range(len(targets))], targets, load)
+    elif params.dataset is None:
+        raise BadParams("no dataset named", details={"field": "dataset"})
     else:
         datasets, models_dir = (context.datasets, context.models_dir) if context is not None else ({}, Path())
         src = open_source(model, params.dataset, datasets, models_dir)
