@@ -143,22 +143,12 @@ def csv_bytes(header: list[str], rows: list[list[Any]]) -> bytes:
 
 
 def montage_png(images: list[np.ndarray], titles: list[str], cols: int = 6, side: int = 160) -> bytes:
-    """``(H, W, 3)`` uint8 images in a grid of ``cols`` columns, each scaled to ``side`` pixels
-    (nearest for small inputs) under a one-line title (Pillow's default font: cheap, no figure)."""
-    from PIL import ImageDraw
-
-    rows = -(-len(images) // cols)
-    head = 14
-    sheet = Image.new("RGB", (cols * side, rows * (side + head)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for k, (img, title) in enumerate(zip(images, titles, strict=True)):
-        r, c = divmod(k, cols)
-        h, w = img.shape[:2]
-        s = side / max(h, w)
-        tile = Image.fromarray(_fit(img, (max(1, round(h * s)), max(1, round(w * s)))))
-        sheet.paste(tile, (c * side, r * (side + head) + head))
-        draw.text((c * side + 2, r * (side + head) + 1), title[: side // 6], fill=(0, 0, 0))
-    return png_bytes(np.asarray(sheet), compress_level=1)
+    """``(H, W, 3)`` uint8 images in rows of ``cols``, each scaled to ``side`` pixels with its
+    title under it (:func:`tile_grid_png`; stored with light compression, as these grids are
+    written per job)."""
+    rows: list[list[np.ndarray | None]] = [list(images[k : k + cols]) for k in range(0, len(images), cols)]
+    captions = [titles[k : k + cols] for k in range(0, len(titles), cols)]
+    return tile_grid_png(rows, captions=captions, tile_side=side, compress_level=1)
 
 
 def top_bars_png(
@@ -218,10 +208,12 @@ def tile_grid_png(
     captions: list[list[str]] | None = None,
     title: str = "",
     tile_side: int = 96,
+    compress_level: int = 6,
 ) -> bytes:
     """Images in a grid: ``tiles[r][c]`` ``(h, w, 3)`` uint8 (None: an empty cell), each scaled to
-    about ``tile_side`` pixels (nearest for small images), a caption under each, a label left of
-    each row and a title on top (PIL's default font)."""
+    about ``tile_side`` pixels (nearest for small images), a caption under each (as many
+    characters as fit), a label left of each row and a title on top (PIL's default font: cheap,
+    no figure). The one grid of images every kind draws."""
     from PIL import ImageDraw
 
     rows, cols = len(tiles), max(len(r) for r in tiles)
@@ -244,5 +236,5 @@ def tile_grid_png(
                 fitted = _fit(tile, (max(1, round(h * s)), max(1, round(w * s))))
                 out.paste(Image.fromarray(fitted), (x, y))
             if captions and c < len(captions[r]):
-                draw.text((x, y + tile_side + 2), captions[r][c][:20], fill="black")
-    return png_bytes(np.asarray(out))
+                draw.text((x, y + tile_side + 2), captions[r][c][: max(20, tile_side // 6)], fill="black")
+    return png_bytes(np.asarray(out), compress_level)
