@@ -22,9 +22,7 @@ prototype tile per class); ``aggregate`` scores them and writes ``table1.csv`` /
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
-import io
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -186,13 +184,12 @@ def table(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _table_csv(tables: Mapping[str, dict[str, Any]]) -> bytes:
     head = ["masking", "images", "prototypes", "no_prototype", "masked_accuracy"]
     cols = [f"{i}_vs_{ref}_{m}" for i in INPUTS for ref in REFERENCES for m in ("accuracy", "macro_f1", "weighted_f1")]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(head + cols)
-    for masking, t in tables.items():
-        scores = [t[i][ref][m] for i in INPUTS for ref in REFERENCES for m in ("accuracy", "macro_f1", "weighted_f1")]
-        w.writerow([masking, *(t[h] for h in head[1:]), *scores])
-    return buf.getvalue().encode()
+    rows = [
+        [masking, *(t[h] for h in head[1:])]
+        + [t[i][ref][m] for i in INPUTS for ref in REFERENCES for m in ("accuracy", "macro_f1", "weighted_f1")]
+        for masking, t in tables.items()
+    ]
+    return render.csv_bytes(head + cols, rows)
 
 
 def _confusion_csv(rows: list[dict[str, Any]], labels: list[str]) -> bytes:
@@ -201,12 +198,8 @@ def _confusion_csv(rows: list[dict[str, Any]], labels: list[str]) -> bytes:
     at = {k: i for i, k in enumerate(classes)}
     m = statistics.confusion([at[r["prototype"]] for r in done], [at[r["paper"]] for r in done], len(classes))
     name = [labels[k] if k < len(labels) else str(k) for k in classes]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["paper_label \\ prototype_prediction", *name])
-    for k, row in zip(name, m.tolist(), strict=True):
-        w.writerow([k, *row])
-    return buf.getvalue().encode()
+    table = [[k, *row] for k, row in zip(name, m.tolist(), strict=True)]
+    return render.csv_bytes(["paper_label \\ prototype_prediction", *name], table)
 
 
 def _prototypes_png(partials: list[dict[str, Any]], maskings: Sequence[str], labels: list[str]) -> bytes:
