@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     # Data sets (/v1/datasets): zips stored under data_dir, which api and workers share
     data_dir: Path = Field(Path("var/data"), description="uploaded data sets and data-set jobs' large artifacts")
     max_dataset_bytes: int = Field(
-        4 * 1024**3, gt=0,
+        4 * 1024**3,
+        gt=0,
         description="stored bytes of data sets per tenant: one larger upload is a 413, one that would pass the "
         "tenant's total a 429",
     )
@@ -98,6 +99,19 @@ class Settings(BaseSettings):
     predict_max_batch: int = Field(32, gt=0, description="images one batched predict forward takes at most")
     predict_max_delay_ms: float = Field(
         5.0, ge=0, description="how long a worker waits to fill a predict batch (only while requests come concurrently)"
+    )
+    predict_threads: int = Field(
+        2,
+        ge=1,
+        description="batches a worker serves at once (each thread takes its own batch; two keep both cores of a "
+        "small host busy while one batch is being decoded or answered)",
+    )
+    predict_intra_op_threads: int = Field(
+        1,
+        ge=0,
+        description="ONNX Runtime threads of each predict batch on the CPU (0 = intra_op_threads: predicts share "
+        "the jobs' session). Fewer than intra_op_threads gives predicts a session of their own, and "
+        "predict_threads batches side by side use the cores with less overhead than one batch on all of them",
     )
     predict_spin_wait: bool = Field(
         False,

@@ -26,7 +26,8 @@ NPY_MAGIC = b"\x93NUMPY"
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any decoded image as 8-bit RGB, as the API stores uploads: palette and grey as RGB,
     alpha composited on white, 16-bit and 32-bit integer images scaled by their type's
-    range, float images clipped to [0, 1] (EXIF orientation is the caller's)."""
+    range, float images clipped to [0, 1] (EXIF orientation is the caller's). An RGB image
+    is returned as it is, not copied."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         arr = np.asarray(img, dtype=np.uint16)
         return Image.fromarray((arr >> 8).astype(np.uint8)).convert("RGB")
@@ -43,15 +44,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def encode_rgb(img: Image.Image) -> bytes:
     """Bytes to store for an RGB image (raw ``.npy`` or PNG, by size)."""
     if img.width * img.height <= RAW_MAX_PIXELS:
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(img.convert("RGB"), dtype=np.uint8), allow_pickle=False)
-        return buf.getvalue()
+        # np.save's bytes, written as its header and the pixels (two copies, not five).
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "|u1", "fortran_order": False, "shape": (img.height, img.width, 3)}
+        )
+        return header.getvalue() + img.convert("RGB").tobytes()
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

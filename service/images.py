@@ -40,7 +40,9 @@ def _signature_of_upload_format(data: bytes) -> bool:
     return any(accept is not None and accept(data[:16]) for fmt in UPLOAD_FORMATS for _, accept in [Image.OPEN[fmt]])
 
 
-def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
+def open_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
+    """The upload opened (its header read, nothing decoded yet), after the checks that come
+    before decoding: byte size, format, pixel count."""
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}", details={"limit": max_bytes})
     if not data:
@@ -63,12 +65,23 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
         )
     if width == 0 or height == 0:
         raise BadImage("image has no pixels")
+    return img
+
+
+def finish_image(img: Image.Image, data: bytes) -> DecodedImage:
+    """Decode an image :func:`open_image` opened from ``data`` and normalise it for storage."""
     fmt = img.format or "?"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-            rgb = to_rgb(ImageOps.exif_transpose(img))
+            ImageOps.exif_transpose(img, in_place=True)
+            rgb = to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, EOFError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None
     return DecodedImage(encode_rgb(rgb), hashlib.sha256(data).hexdigest(), rgb.width, rgb.height, fmt)
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
+    """Check, decode and normalise one upload (the module doc's checks, in order)."""
+    return finish_image(open_image(data, max_bytes, max_pixels), data)

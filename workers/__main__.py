@@ -71,16 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     batcher = None
     if "high" in args.queues and not args.no_predict and not args.burst:
         from workers.batching import PredictBatcher
-        from workers.registry import ModelCache
 
-        # One copy of each model: the batcher shares the jobs' cache, unless the two are set
-        # to different ONNX Runtime spin modes (a session option, fixed when it is made).
-        shared = settings.predict_spin_wait == settings.job_spin_wait
+        # One copy of each model: the batcher shares the jobs' cache (with a session of its
+        # own where its threads or spin mode differ: LoadedModel.predict_forward).
         batcher = PredictBatcher(
             Redis.from_url(settings.redis_url, socket_timeout=30),
-            model_cache() if shared else ModelCache.from_settings(settings, spin_wait=settings.predict_spin_wait),
+            model_cache(),
             max_batch=settings.predict_max_batch,
             max_delay_ms=settings.predict_max_delay_ms,
+            threads=settings.predict_threads,
         )
     worker = InspectorWorker(
         args.queues,
@@ -109,9 +108,6 @@ def main(argv: list[str] | None = None) -> None:
     previous = {sig: signal.signal(sig, _exit_quietly) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         warmer.warm_up()
-        if batcher is not None and batcher.models is not model_cache():
-            for model_id in model_cache().loaded():
-                batcher.models.get(model_id)
     except SystemExit:
         warmer.stop()
         raise

@@ -13,9 +13,16 @@ requests come concurrently (the previous batch had more than one), so a lone cli
 request is served at once instead of paying ``max_delay_ms`` for company that never comes.
 
 LPOP/BLPOP hand each request to exactly one worker, so workers share the load; a request
-past its deadline (its client got 503) is dropped, not computed. The batcher shares the
-jobs' model cache (one copy of each model per worker): its predicts run through the ONNX
-Runtime session, never through the module that a job on the main thread may be hooking
+past its deadline (its client got 503) is dropped, not computed. ``threads`` serving
+threads (setting ``predict_threads``, default 2) each take and run their own batch: while
+one thread decodes its images or answers, the other's forward keeps the cores busy. On the
+CPU the batches run through a session of their own with ``predict_intra_op_threads``
+threads (default 1), each on its serving thread: two one-thread forwards side by side cost
+less CPU per image than one forward spread over two cores (docs/performance.md).
+
+The batcher shares the jobs' model cache (one copy of each model per worker): its predicts
+run through an ONNX Runtime session (``LoadedModel.predict_forward``, else the jobs'
+``forward``), never through the module that a job on the main thread may be hooking
 (Captum's DeepLift and layer methods register forward hooks that change what the module
 computes). A model whose engine is eager (no ONNX) gets a second copy of the batcher's own.
 A request that had to wait for its model to load says how long in ``cold_start_s``.
@@ -30,7 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-import torch
+from PIL import Image
 from redis import Redis
 
 from schemas import keys
@@ -73,13 +80,16 @@ class PredictBatcher:
         max_batch: int = 32,
         max_delay_ms: float = 5.0,
         block_s: float = 1.0,
+        threads: int = 1,
     ) -> None:
         self.conn, self.models = conn, models
         self.registry = ModelRegistry(models.models_dir)
         self.max_batch, self.max_delay_s, self.block_s = max_batch, max_delay_ms / 1000, block_s
+        self.threads = threads
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._concurrent = False  # the last batch had more than one request: wait to fill the next
+        self._threads: list[threading.Thread] = []
+        self._state = threading.local()  # per serving thread: whether its last batch was concurrent
+        self._lock = threading.Lock()  # the counters and the eager copies
         self._eager: ModelCache | None = None  # own copies of models served eagerly (see _model)
         self.batches = 0  # counters, for logs and tests
         self.requests = 0
@@ -98,7 +108,9 @@ class PredictBatcher:
         key = popped[0].decode() if isinstance(popped[0], bytes) else str(popped[0])
         batch = [PredictRequest.parse(popped[1])]
         n = len(batch[0].inputs)
-        fill_until = time.monotonic() + (self.max_delay_s if self._concurrent else 0.0)
+        # The window is waited only while the last batch this thread served had company.
+        concurrent = getattr(self._state, "concurrent", False)
+        fill_until = time.monotonic() + (self.max_delay_s if concurrent else 0.0)
         while n < self.max_batch:
             raw = self.conn.lpop(key, self.max_batch - n) or []
             if not raw:
@@ -112,7 +124,7 @@ class PredictBatcher:
             for r in cast(list[bytes], raw):
                 batch.append(PredictRequest.parse(r))
                 n += len(batch[-1].inputs)
-        self._concurrent = len(batch) > 1
+        self._state.concurrent = len(batch) > 1
         return key.removeprefix(keys.predict_queue_key("")), batch
 
     # --- serving them ---
@@ -126,7 +138,7 @@ class PredictBatcher:
         try:
             model, cold_s = self._model(model_id)
             data = self.conn.mget([keys.input_key(i) for r in live for i in r.inputs]) if live else []
-            tensors: list[torch.Tensor] = []
+            images: list[Image.Image] = []
             ok: list[PredictRequest] = []
             at = 0
             for r in live:
@@ -135,16 +147,19 @@ class PredictBatcher:
                     replies[r.id] = _error(JobFailure("the input images expired", type="input_expired"))
                     continue
                 try:
-                    x, _ = preprocess([decode(cast(bytes, p)) for p in pngs], model.manifest.preprocessing)
+                    decoded = [decode(cast(bytes, p)) for p in pngs]
                 except Exception as e:  # one bad request must not sink the batch
                     log.exception("predict %s: cannot read its inputs", r.id)
                     replies[r.id] = _error(JobFailure(f"cannot read the inputs: {e}", type="internal"))
                     continue
-                tensors.append(x)
+                images.extend(decoded)
                 ok.append(r)
             if ok:
-                x = torch.cat(tensors).to(model.device)
-                probs = forward_in_chunks(model, x).softmax(1)
+                # One array for the whole batch: no torch op (whose OpenMP threads would spin
+                # beside the other serving thread's forward) before the engine.
+                x, _ = preprocess(images, model.manifest.preprocessing)
+                x = x.to(model.device)
+                probs = forward_in_chunks(model, x, predict=True).softmax(1)
                 ms = (time.perf_counter() - t0) * 1000
                 at = 0
                 for r in ok:
@@ -168,8 +183,9 @@ class PredictBatcher:
                     pipe.rpush(keys.reply_key(request_id), json.dumps(reply))
                     pipe.expire(keys.reply_key(request_id), REPLY_TTL_S)
                 pipe.execute()
-        self.batches += 1
-        self.requests += len(batch)
+        with self._lock:
+            self.batches += 1
+            self.requests += len(batch)
         return replies
 
     def _model(self, model_id: str) -> tuple[LoadedModel, float]:
@@ -178,8 +194,9 @@ class PredictBatcher:
         module cannot touch), a copy of the batcher's own when the engine is eager."""
         model, cold_s = self.models.get_timed(model_id)
         if model.engine_name == "eager":
-            if self._eager is None:
-                self._eager = self.models.sibling()
+            with self._lock:
+                if self._eager is None:
+                    self._eager = self.models.sibling()
             model, own_s = self._eager.get_timed(model_id)
             cold_s += own_s
         return model, cold_s
@@ -208,11 +225,16 @@ class PredictBatcher:
                 self._stop.wait(1.0)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="predict-batcher", daemon=True)
-        self._thread.start()
+        """Start ``threads`` serving threads (see the module doc)."""
+        self._threads = [
+            threading.Thread(target=self._run, name=f"predict-batcher-{i}", daemon=True) for i in range(self.threads)
+        ]
+        for t in self._threads:
+            t.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the batch in hand, then stop (graceful shutdown)."""
+        """Finish the batches in hand, then stop (graceful shutdown)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))

@@ -79,6 +79,8 @@ class Engine:
     ``grad_batch_size``: chunk size for eager forward+backward to the input. ``reason``: why
     the engine is eager when ONNX was asked for. ``forward_images_per_s`` and
     ``grad_images_per_s``: the measurements behind the two sizes (batch size -> images/s).
+    ``predict_forward``: the same model in a second ONNX Runtime session with the predict
+    batcher's own threads and spin mode (None: predicts share ``forward``).
     """
 
     name: str
@@ -90,6 +92,7 @@ class Engine:
     grad_images_per_s: dict[int, float] = field(default_factory=dict)
     engine_s: float = 0.0  # seconds to export (or load) and check the engine
     measure_s: float = 0.0  # seconds to measure the batch sizes (0 when they came from the cache)
+    predict_forward: ForwardFn | None = None
 
 
 class EngineUnavailable(Exception):
@@ -495,13 +498,19 @@ def build_engine(
     exporters: Sequence[str] = EXPORTERS,
     budget_s: float = 4.0,
     spin_wait: bool = True,
+    predict_threads: int = 0,
+    predict_spin_wait: bool | None = None,
 ) -> Engine:
     """The forward engine of ``module`` (eval mode, on ``device``) for ``entry``'s version.
 
     ``use_onnx`` and ``intra_op_threads`` (0 = number of cores) come from the settings
     ``onnx_engine`` and ``intra_op_threads``. ``exporters``: tried in order. ``budget_s``:
     seconds each of the two batch-size measurements may take (first start per device only).
-    ``spin_wait``: see :func:`ort_forward`. Never raises for an unexportable model: see the
+    ``spin_wait``: see :func:`ort_forward`. ``predict_threads`` (0 = ``threads``) and
+    ``predict_spin_wait`` (None = ``spin_wait``): the predict batcher's session on the CPU;
+    when either differs, the engine holds a second session for predicts (``predict_forward``,
+    docs/performance.md: several single-threaded runs side by side serve small batches with
+    less CPU than one run on every core). Never raises for an unexportable model: see the
     module docstring.
     """
     device = torch.device(device)
@@ -553,6 +562,10 @@ def build_engine(
                 log.warning("cannot cache the engine measurements in %s: %s", meta_path, e)
     if reason:
         log.warning("%s: eager forward engine (ONNX unavailable: %s)", entry.manifest.id, reason)
+    predict_forward = None
+    p_threads, p_spin = predict_threads or threads, spin_wait if predict_spin_wait is None else predict_spin_wait
+    if name == "onnxruntime" and (p_threads, p_spin) != (threads, spin_wait):
+        predict_forward = ort_forward(onnx_path, device, p_threads, p_spin)
     return Engine(
         name,
         forward,
@@ -563,4 +576,5 @@ def build_engine(
         {int(k): v for k, v in cached["grad_images_per_s"].items()},
         engine_s=time.perf_counter() - t0 - measure_s,
         measure_s=measure_s,
+        predict_forward=predict_forward,
     )

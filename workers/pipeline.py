@@ -45,10 +45,16 @@ class JobContext:
         return self.models.get(model_id, self.other_models.get(model_id))
 
 
-def forward_in_chunks(model: LoadedModel, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-    """Logits ``(N, K)`` of ``x`` ``(N, C, H, W)`` through the fast engine, in chunks."""
+def forward_in_chunks(
+    model: LoadedModel, x: torch.Tensor, batch_size: int | None = None, predict: bool = False
+) -> torch.Tensor:
+    """Logits ``(N, K)`` of ``x`` ``(N, C, H, W)`` through the fast engine, in chunks
+    (``predict``: the predict batcher's session, ``LoadedModel.predict_forward``, if any)."""
     chunk = batch_size or model.batch_size
-    return torch.cat([model.forward(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+    forward = (model.predict_forward if predict else None) or model.forward
+    if len(x) <= chunk:
+        return forward(x)
+    return torch.cat([forward(x[i : i + chunk]) for i in range(0, len(x), chunk)])
 
 
 def resolve_targets(target: int | list[int] | None, probs: torch.Tensor) -> torch.Tensor:

@@ -98,9 +98,7 @@ def _write_model(directory: Path, manifest: ModelManifest, module: nn.Module) ->
     weights = directory / manifest.weights
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
     layers, types = _layer_names(module)
-    manifest = manifest.model_copy(
-        update={"sha256": file_sha256(weights), "layers": layers, "module_types": types}
-    )
+    manifest = manifest.model_copy(update={"sha256": file_sha256(weights), "layers": layers, "module_types": types})
     _write_manifest(directory, manifest)
 
 
@@ -213,7 +211,6 @@ def build_module(entry: ModelEntry) -> nn.Module:
     return module
 
 
-
 def input_region(width: int, height: int, pre: Preprocessing) -> dict[str, int | str]:
     """The region of the upload (pixels, after its EXIF orientation) that a job's maps cover."""
     left, top, right, bottom = crop_box(width, height, pre)
@@ -270,6 +267,8 @@ class ModelCache:
         spin_wait: bool = True,
         deeplift_cache_mb: int = 256,
         memory_mb: int = 0,
+        predict_threads: int = 0,
+        predict_spin_wait: bool | None = None,
     ) -> None:
         self.models_dir = models_dir
         self.registry = ModelRegistry(models_dir)
@@ -280,6 +279,8 @@ class ModelCache:
         self.spin_wait = spin_wait  # ONNX Runtime threads spin between runs (workers.engine.ort_forward)
         self.deeplift_cache_mb = deeplift_cache_mb
         self.memory_mb = memory_mb
+        self.predict_threads = predict_threads  # the predict batcher's session (workers.engine.build_engine)
+        self.predict_spin_wait = predict_spin_wait
         self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()  # least recently used first
         self._sizes: dict[tuple[str, str], float] = {}  # MiB of weights + engine
         self._loading: dict[tuple[str, str], threading.Lock] = {}
@@ -298,6 +299,8 @@ class ModelCache:
             spin_wait=spin,
             deeplift_cache_mb=s.deeplift_cache_mb,
             memory_mb=s.model_memory_mb,
+            predict_threads=s.predict_intra_op_threads,
+            predict_spin_wait=s.predict_spin_wait,
         )
 
     def sibling(self) -> ModelCache:
@@ -311,6 +314,8 @@ class ModelCache:
             self.spin_wait,
             self.deeplift_cache_mb,
             self.memory_mb,
+            self.predict_threads,
+            self.predict_spin_wait,
         )
 
     def get(self, model_id: str, version: str | None = None) -> LoadedModel:
@@ -383,6 +388,8 @@ class ModelCache:
             use_onnx=self.onnx,
             intra_op_threads=self.intra_op_threads,
             spin_wait=self.spin_wait,
+            predict_threads=self.predict_threads,
+            predict_spin_wait=self.predict_spin_wait,
         )
         # Forwards at the sizes predicts use (one image, a full chunk) and one forward+backward:
         # the first pass of a shape plans its memory and builds kernels (ONNX Runtime,
@@ -392,7 +399,8 @@ class ModelCache:
         shape = input_shape(entry)
         t1 = time.perf_counter()
         for n in sorted({1, engine.batch_size}):
-            engine.forward(probe_batch(shape, n, self.device))
+            for forward in {engine.forward, engine.predict_forward or engine.forward}:
+                forward(probe_batch(shape, n, self.device))
         t_forward = time.perf_counter() - t1
         t1 = time.perf_counter()
         eager_grad_pass(module)(probe_batch(shape, 1, self.device))
@@ -421,12 +429,13 @@ class ModelCache:
             grad_batch_size=engine.grad_batch_size,
             engine_name=engine.name,
             deeplift_cache_mb=self.deeplift_cache_mb,
+            predict_forward=engine.predict_forward,
         )
 
 
 def _model_mb(model: LoadedModel) -> float:
-    """MiB a loaded model holds: its weights and buffers, and as much again for an ONNX
-    Runtime engine (which keeps its own copy of the initializers)."""
+    """MiB a loaded model holds: its weights and buffers, and as much again for each ONNX
+    Runtime session (which keeps its own copy of the initializers)."""
     weights = sum(t.numel() * t.element_size() for t in (*model.module.parameters(), *model.module.buffers()))
-    copies = 2 if model.engine_name.startswith("onnxruntime") else 1
+    copies = 1 + model.engine_name.startswith("onnxruntime") + (model.predict_forward is not None)
     return copies * weights / 2**20

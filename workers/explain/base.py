@@ -44,7 +44,9 @@ class LoadedModel:
     use it for every evaluation that needs no gradient. ``batch_size`` is the chunk size
     measured for forward passes on this device, ``grad_batch_size`` for forward+backward.
     ``deeplift_cache_mb`` bounds the reference activations DeepLift keeps for shared
-    baselines (:mod:`workers.explain.deeplift`).
+    baselines (:mod:`workers.explain.deeplift`). ``predict_forward``: the predict batcher's
+    own ONNX Runtime session of the same model (``workers.engine.Engine``), None when
+    predicts share ``forward``.
     """
 
     manifest: ModelManifest
@@ -56,6 +58,7 @@ class LoadedModel:
     grad_batch_size: int = 8
     engine_name: str = "eager"
     deeplift_cache_mb: int = 256
+    predict_forward: ForwardFn | None = None
 
     @property
     def id(self) -> str:
