@@ -1,13 +1,17 @@
 """How an input image is stored for the workers: the contract between the API, which writes
 it (``service.images``), and the workers, which read it (``workers.pipeline.decode``).
 
-An upload is decoded and normalised to 8-bit RGB once, in the API. Up to
-``RAW_MAX_PIXELS`` it is stored raw, as a NumPy ``.npy`` array ``(H, W, 3)`` uint8: writing
-and reading it cost a copy, where a PNG round trip (encode in the API, decode in the
-worker) cost more CPU per image than a batched efficientnet-lite0 forward on 2 cores. Larger
-images are stored as PNG (zlib level 1), about half the bytes of raw for photos, so Redis
-memory stays bounded for the biggest uploads. Readers tell the two apart by their magic
-bytes; any PNG (also one written by an older API) is read.
+An upload is decoded and normalised to 8-bit RGB in the API. A plain JPEG (8-bit RGB, no
+EXIF rotation, up to ``RAW_MAX_PIXELS``: what cameras and browsers send) is stored as
+uploaded: decoding it again in the worker gives the same pixels (the same libjpeg), and its
+bytes are about an eighth of raw ones, which Redis, the API and the worker would otherwise
+copy (``is_plain_jpeg``). Anything else up to ``RAW_MAX_PIXELS`` is stored raw, as a NumPy
+``.npy`` array ``(H, W, 3)`` uint8: writing and reading it cost a copy, where a PNG round
+trip (encode in the API, decode in the worker) cost more CPU per image than a batched
+efficientnet-lite0 forward on 2 cores. Larger images are stored as PNG (zlib level 1),
+about half the bytes of raw for photos, so Redis memory stays bounded for the biggest
+uploads. Readers tell the three apart by their magic bytes; any PNG (also one written by an
+older API) is read.
 """
 
 from __future__ import annotations
@@ -21,6 +25,19 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 """The Pillow formats an uploaded image is decoded with (Pillow's other plugins stay off)."""
 RAW_MAX_PIXELS = 4_000_000  # 12 MB raw; above it, PNG
 NPY_MAGIC = b"\x93NUMPY"
+JPEG_MAGIC = b"\xff\xd8\xff"
+EXIF_ORIENTATION = 0x0112
+
+
+def is_plain_jpeg(img: Image.Image) -> bool:
+    """Whether an opened upload may be stored as uploaded: a JPEG that decodes to 8-bit RGB
+    needing no rotation, up to ``RAW_MAX_PIXELS`` (see the module doc)."""
+    return (
+        img.format == "JPEG"
+        and img.mode == "RGB"
+        and img.width * img.height <= RAW_MAX_PIXELS
+        and img.getexif().get(EXIF_ORIENTATION, 1) == 1
+    )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -62,7 +79,14 @@ def encode_rgb(img: Image.Image) -> bytes:
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """The stored image back as a loaded PIL image (RGB)."""
+    """The stored image back as a loaded PIL image (RGB). ``OSError`` when a stored JPEG is
+    corrupt or truncated (the predict path stores uploads it has not decoded yet)."""
+    if data[: len(JPEG_MAGIC)] == JPEG_MAGIC:
+        img = Image.open(io.BytesIO(data), formats=("JPEG",))
+        img.load()
+        if img.mode != "RGB":
+            raise ValueError(f"stored JPEG is {img.mode}, not RGB")
+        return img
     if data[: len(NPY_MAGIC)] == NPY_MAGIC:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:

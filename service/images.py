@@ -6,7 +6,7 @@ decoding (413: decompression bombs) -> full decode (400 when corrupt or truncate
 EXIF orientation is applied and every mode becomes 8-bit RGB: palette and grey as RGB,
 alpha composited on white, 16-bit and 32-bit integer images scaled by their type's range,
 float images clipped to [0, 1]. The normalised image is stored for the workers as
-``schemas.stored_images`` says (raw up to 4 MP, PNG above).
+``schemas.stored_images`` says (a plain JPEG as uploaded, else raw up to 4 MP, PNG above).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.errors import BadImage, PayloadTooLarge, UnsupportedMedia
-from schemas.stored_images import UPLOAD_FORMATS, encode_rgb, to_rgb
+from schemas.stored_images import UPLOAD_FORMATS, encode_rgb, is_plain_jpeg, to_rgb
 
 Image.MAX_IMAGE_PIXELS = None  # our own limit is applied before decoding, from settings
 
@@ -68,9 +68,21 @@ def open_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     return img
 
 
-def finish_image(img: Image.Image, data: bytes) -> DecodedImage:
-    """Decode an image :func:`open_image` opened from ``data`` and normalise it for storage."""
+def finish_image(img: Image.Image, data: bytes, verify: bool = True) -> DecodedImage:
+    """Decode an image :func:`open_image` opened from ``data`` and normalise it for storage.
+
+    A plain JPEG is stored as uploaded (``schemas.stored_images``); ``verify=False`` then
+    skips decoding it here, for a caller whose worker decodes it at once and answers a
+    corrupt one with 400 itself (predicts)."""
     fmt = img.format or "?"
+    sha256 = hashlib.sha256(data).hexdigest()
+    if is_plain_jpeg(img):
+        if verify:
+            try:
+                img.load()
+            except (OSError, ValueError, SyntaxError, EOFError) as e:
+                raise BadImage(f"corrupt or truncated image: {e}") from None
+        return DecodedImage(data, sha256, img.width, img.height, fmt)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -79,7 +91,7 @@ def finish_image(img: Image.Image, data: bytes) -> DecodedImage:
             rgb = to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, EOFError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None
-    return DecodedImage(encode_rgb(rgb), hashlib.sha256(data).hexdigest(), rgb.width, rgb.height, fmt)
+    return DecodedImage(encode_rgb(rgb), sha256, rgb.width, rgb.height, fmt)
 
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from schemas.errors import BadImage, BadParams, InspectorError, PayloadTooLarge, UnsupportedMedia
 from schemas.jobs import Base64Images
 from schemas.settings import Settings
+from schemas.stored_images import is_plain_jpeg
 from service.errors import error_response
 from service.images import DecodedImage, finish_image, open_image
 
@@ -191,14 +192,19 @@ def check_bounds(value: Any) -> Any:
     return value
 
 
-async def _decoded(raw: list[bytes], settings: Settings, allow_none: bool) -> list[DecodedImage]:
-    """The uploads checked, decoded and normalised. Past ``INLINE_DECODE_PIXELS`` the decoding
-    runs in a worker thread: 8 images of 40 MP take seconds, during which the event loop must
-    go on answering (``/healthz``, other requests). Pillow's decoders release the GIL."""
+async def _decoded(raw: list[bytes], settings: Settings, allow_none: bool, verify: bool) -> list[DecodedImage]:
+    """The uploads checked, decoded and normalised (``verify``: see ``finish_image``). Past
+    ``INLINE_DECODE_PIXELS`` to decode, the decoding runs in a worker thread: 8 images of
+    40 MP take seconds, during which the event loop must go on answering (``/healthz``,
+    other requests). Pillow's decoders release the GIL."""
     opened = _open_all(raw, settings, allow_none)
-    if sum(img.width * img.height for img in opened) <= INLINE_DECODE_PIXELS:
-        return [finish_image(img, b) for img, b in zip(opened, raw, strict=True)]
-    return await asyncio.to_thread(lambda: [finish_image(img, b) for img, b in zip(opened, raw, strict=True)])
+
+    def finish() -> list[DecodedImage]:
+        return [finish_image(img, b, verify) for img, b in zip(opened, raw, strict=True)]
+
+    if sum(img.width * img.height for img in opened if verify or not is_plain_jpeg(img)) <= INLINE_DECODE_PIXELS:
+        return finish()
+    return await asyncio.to_thread(finish)
 
 
 def _parse_json_body(body: bytes) -> tuple[Base64Images, list[bytes], dict[str, bytes]]:
@@ -257,9 +263,15 @@ def _check_files(files: dict[str, bytes], allowed: tuple[str, ...], settings: Se
 
 
 async def read_submission(
-    request: Request, settings: Settings, files: tuple[str, ...] = (), allow_no_image: bool = False
+    request: Request,
+    settings: Settings,
+    files: tuple[str, ...] = (),
+    allow_no_image: bool = False,
+    verify: bool = True,
 ) -> Submission:
-    """Parse the body; ``files`` names the extra uploads accepted besides images."""
+    """Parse the body; ``files`` names the extra uploads accepted besides images. ``verify``
+    (see ``service.images.finish_image``): False only where a worker decodes the images at
+    once and answers a corrupt one with 400 (predicts)."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > body_limit(settings):
         raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {body_limit(settings)}")
@@ -289,7 +301,7 @@ async def read_submission(
         params = _params(form.get("params"))
         return Submission(
             model_id=model_id if isinstance(model_id, str) else None,
-            images=await _decoded(raw, settings, allow_no_image),
+            images=await _decoded(raw, settings, allow_no_image, verify),
             params=params,
             top_k=_top_k(form.get("top_k")),
             files=_check_files(extra, files, settings),
@@ -302,7 +314,7 @@ async def read_submission(
         data, raw, extra = await asyncio.to_thread(_parse_json_body, body)
         return Submission(
             data.model_id,
-            await _decoded(raw, settings, allow_no_image),
+            await _decoded(raw, settings, allow_no_image, verify),
             data.params,
             _top_k(data.top_k),
             _check_files(extra, files, settings),

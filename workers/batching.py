@@ -41,7 +41,7 @@ from PIL import Image
 from redis import Redis
 
 from schemas import keys
-from schemas.errors import InspectorError, JobFailure
+from schemas.errors import BadImage, InspectorError, JobFailure
 from schemas.jobs import PredictResponse
 from schemas.manifests import ModelRegistry
 from workers.allocator import release_free_memory
@@ -148,9 +148,9 @@ class PredictBatcher:
                     continue
                 try:
                     decoded = [decode(cast(bytes, p)) for p in pngs]
-                except Exception as e:  # one bad request must not sink the batch
-                    log.exception("predict %s: cannot read its inputs", r.id)
-                    replies[r.id] = _error(JobFailure(f"cannot read the inputs: {e}", type="internal"))
+                except (OSError, ValueError, SyntaxError, EOFError) as e:  # one bad request must not sink the batch
+                    # A corrupt upload: the API stores plain JPEGs for predicts without decoding them.
+                    replies[r.id] = _error(BadImage(f"corrupt or truncated image: {e}"))
                     continue
                 images.extend(decoded)
                 ok.append(r)

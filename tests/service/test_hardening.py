@@ -504,6 +504,47 @@ def test_batcher_waits_for_company_only_when_requests_come_concurrently(model_ca
     assert [r.id for r in batch] == ["r3"] and time.monotonic() - t0 >= 0.8  # waited the window
 
 
+def test_batcher_threads_serve_side_by_side_on_a_predict_session_of_their_own(models_dir, own_redis):
+    """``predict_threads`` serving threads each take their own batch (every request answered
+    once, right); on the CPU they run a one-thread ONNX Runtime session of the model's own
+    (``LoadedModel.predict_forward``) that computes what the jobs' session does."""
+    from PIL import Image
+    from redis import Redis
+
+    from schemas import keys
+    from tests.conftest import TEST_CACHE_DIR
+    from workers.batching import PredictBatcher
+    from workers.pipeline import forward_in_chunks
+    from workers.registry import ModelCache, preprocess
+
+    cache = ModelCache(models_dir, TEST_CACHE_DIR, device="cpu", intra_op_threads=2, predict_threads=1)
+    model = cache.get("digits-cnn")
+    assert model.engine_name == "onnxruntime" and model.predict_forward is not None
+    images = [digit_png(i)[0] for i in range(24)]
+    x, _ = preprocess([Image.open(io.BytesIO(b)) for b in images], model.manifest.preprocessing)
+    jobs_probs = forward_in_chunks(model, x).softmax(1)
+    assert (forward_in_chunks(model, x, predict=True).softmax(1) - jobs_probs).abs().max() < 1e-5
+
+    conn = Redis.from_url(own_redis.url)
+    batcher = PredictBatcher(conn, cache, max_batch=3, max_delay_ms=1, block_s=0.2, threads=2)
+    for i, image in enumerate(images):
+        conn.set(keys.input_key(f"in{i}"), image)
+        request = {"id": f"r{i}", "inputs": [f"in{i}"], "top_k": 1, "deadline": time.time() + 30}
+        conn.rpush(keys.predict_queue_key("digits-cnn"), json.dumps(request))
+    batcher.start()
+    try:
+        replies = {i: conn.blpop([keys.reply_key(f"r{i}")], timeout=30) for i in range(len(images))}
+    finally:
+        batcher.stop()
+    assert len(batcher._threads) == 2 and batcher.requests == len(images) and batcher.batches >= 8
+    for i, reply in replies.items():
+        assert reply is not None, f"r{i} got no answer"
+        top = json.loads(reply[1])["predictions"][0]["top"][0]
+        assert top["index"] == int(jobs_probs[i].argmax())
+        assert abs(top["probability"] - float(jobs_probs[i].max())) < 1e-5
+        assert conn.lpop(keys.reply_key(f"r{i}")) is None  # answered once
+
+
 def test_the_api_reaps_a_dead_workers_job_without_worker_code(settings):
     """The API image has no worker code: reaping (RQ runs failure callbacks) must not need it.
     Its own Redis with no worker: the job is made to look started by a worker that died."""

@@ -1,12 +1,14 @@
 """Image decoding rules (service side, Pillow only)."""
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from schemas.errors import BadImage, PayloadTooLarge, UnsupportedMedia
-from schemas.stored_images import NPY_MAGIC, RAW_MAX_PIXELS, decode_rgb
-from service.images import decode_image
+from schemas.stored_images import NPY_MAGIC, RAW_MAX_PIXELS, decode_rgb, to_rgb
+from service.images import decode_image, finish_image, open_image
 from tests.helpers import png
 
 LIMITS = {"max_bytes": 10_000_000, "max_pixels": 10_000_000}
@@ -80,3 +82,39 @@ def test_stored_raw_up_to_the_limit_png_above_both_read_back_exactly():
     stored = decode_image(png(big), max_bytes=10**9, max_pixels=10**8).data
     assert stored.startswith(b"\x89PNG") and len(stored) < big.nbytes // 10
     assert np.array_equal(np.asarray(decode_rgb(stored)), big)
+
+
+def test_a_plain_jpeg_is_stored_as_uploaded_and_read_back_as_the_api_decoded_it(chelsea):
+    """``schemas.stored_images``: an RGB JPEG with no EXIF rotation is stored as its upload
+    bytes (an eighth of raw), and the workers' decode gives the pixels the API's gave."""
+    data = png(chelsea, "JPEG", quality=95)
+    out = decode_image(data, **LIMITS)
+    assert out.data == data and (out.width, out.height) == (451, 300) and out.format == "JPEG"
+    assert np.array_equal(np.asarray(decode_rgb(out.data)), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    # Rotated by EXIF, grey: normalised by the API and stored raw, as before.
+    img = Image.fromarray(chelsea)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    rotated = decode_image(png(img, "JPEG", exif=exif), **LIMITS)
+    assert rotated.data.startswith(NPY_MAGIC) and (rotated.width, rotated.height) == (300, 451)
+    grey = decode_image(png(np.asarray(chelsea).mean(2).astype(np.uint8), "JPEG"), **LIMITS)
+    assert grey.data.startswith(NPY_MAGIC) and np.asarray(decode_rgb(grey.data)).shape == (300, 451, 3)
+
+
+def test_a_truncated_jpeg_is_refused_when_verified_and_fails_the_workers_decode_when_not(chelsea):
+    """Predicts store a plain JPEG without decoding it (``verify=False``): the worker's decode
+    then raises, which the batcher answers 400 (tests/service/test_models_api.py)."""
+    data = png(chelsea, "JPEG", quality=95)
+    truncated = data[: len(data) // 2]
+    with pytest.raises(BadImage, match="truncated"):
+        decode_image(truncated, **LIMITS)
+    stored = finish_image(open_image(truncated, **LIMITS), truncated, verify=False)
+    assert stored.data == truncated
+    with pytest.raises(OSError):
+        decode_rgb(stored.data)
+
+
+def test_to_rgb_returns_an_rgb_image_itself():
+    img = Image.new("RGB", (3, 2), (1, 2, 3))
+    assert to_rgb(img) is img
+    assert to_rgb(Image.new("L", (3, 2), 9)).mode == "RGB"

@@ -1,10 +1,12 @@
 """Models through the API: list, describe, predict (real worker, real weights)."""
 
 import base64
+import io
 
 import numpy as np
+from PIL import Image
 
-from tests.helpers import digit_png, png
+from tests.helpers import digit_png, png, submit
 
 
 def test_list_models_includes_builtins_and_user_model(client):
@@ -57,6 +59,27 @@ def test_predict_jpeg_and_grey_inputs(client, chelsea):
             "/v1/models/efficientnet-lite0/predict", files={"image": ("x", data, "application/octet-stream")}
         )
         assert r.status_code == 200, r.text
+
+
+def test_predict_decodes_a_plain_jpeg_once_in_the_worker_and_answers_a_corrupt_one_400(client, chelsea):
+    """A plain JPEG reaches the worker as uploaded (``schemas.stored_images``): its answer is
+    that of the same pixels sent as PNG; a truncated one gets 400 ``bad_image`` from the
+    worker's decode, and a job submitting it is refused at once."""
+    jpeg = png(chelsea, "JPEG", quality=95)
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    answers = [
+        client.post("/v1/models/efficientnet-lite0/predict", files={"image": ("x", data, "application/octet-stream")})
+        for data in (jpeg, png(pixels))
+    ]
+    assert [r.status_code for r in answers] == [200, 200], answers[0].text
+    tops = [r.json()["predictions"][0]["top"] for r in answers]
+    assert [t["index"] for t in tops[0]] == [t["index"] for t in tops[1]]
+    assert max(abs(a["probability"] - b["probability"]) for a, b in zip(*tops, strict=True)) < 1e-5
+    truncated = jpeg[: len(jpeg) // 2]
+    r = client.post("/v1/models/efficientnet-lite0/predict", files={"image": ("x.jpg", truncated, "image/jpeg")})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "bad_image", r.text
+    r = submit(client, "saliency", [truncated], "efficientnet-lite0")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "bad_image", r.text
 
 
 def test_metrics_count_requests_by_route_template_and_status(api):
