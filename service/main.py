@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import Depends, FastAPI
+from redis.exceptions import RedisError
 
 from schemas.manifests import ModelRegistry
 from schemas.settings import Settings, get_settings
 from service.auth import authenticate, install_auth
-from service.deps import redis_for
+from service.deps import get_async_redis, redis_for
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.openapi import ERRORS
 from service.routes import datasets, health, jobs, methods, models
 from service.routes.ui import install_ui
-from service.uploads import BodySizeLimit, body_limit, dataset_body_limit
+from service.uploads import BodySizeLimit, body_limit, dataset_body_limit, warm_up
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """At start, the request path is used once, so the first requests find it warm: the
+    upload parsing and decoding, and this loop's Redis connection (Redis down: later)."""
+    settings: Settings = app.state.settings
+    await warm_up(settings)
+    try:
+        await asyncio.wait_for((await get_async_redis(settings)).ping(), 0.5)  # type: ignore[arg-type]
+    except (RedisError, OSError, TimeoutError):
+        pass  # answered 503 per request until Redis is back
+    yield
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
+        lifespan=lifespan,
         title="Model Inspector",
         version="1.0.0",
         description="Predictions and explanations (attributions, U Analysis, influence, ...) "

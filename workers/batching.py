@@ -91,6 +91,8 @@ class PredictBatcher:
         self._state = threading.local()  # per serving thread: whether its last batch was concurrent
         self._lock = threading.Lock()  # the counters and the eager copies
         self._eager: ModelCache | None = None  # own copies of models served eagerly (see _model)
+        self._warm_threads = 0
+        self.warmed = threading.Event()  # every serving thread has run its warm-up (see _warm)
         self.batches = 0  # counters, for logs and tests
         self.requests = 0
 
@@ -211,7 +213,24 @@ class PredictBatcher:
 
     # --- the thread ---
 
+    def _warm(self) -> None:
+        """Serve one predict of each warm model in this thread before taking requests: a new
+        thread's first batch pays for what the worker's warm-up on its main thread did not
+        warm (this thread's allocator arena, first decode and engine run in the thread)."""
+        from workers.warmup import warm_predict_path
+
+        for model_id in self.models.loaded():
+            try:
+                warm_predict_path(self.models, model_id)
+            except Exception:  # a request for it reports what is wrong
+                log.warning("predict batcher: cannot warm %s", model_id, exc_info=True)
+        with self._lock:
+            self._warm_threads += 1
+            if self._warm_threads == self.threads:
+                self.warmed.set()
+
     def _run(self) -> None:
+        self._warm()
         served = False  # since the last trim
         while not self._stop.is_set():
             try:

@@ -51,21 +51,28 @@ def warm_targets(spec: str, available: Sequence[str], preload: Sequence[str] = (
 
 
 def warm_predict_path(cache: ModelCache, model_id: str) -> None:
-    """Load and warm the model, then serve one predict of a blank stored image through the
-    code a real one takes (decode, preprocess, engine, softmax, top-k), so that nothing on
-    that path is first used by a request."""
+    """Load and warm the model, then serve one predict of a photo-sized JPEG through the code a
+    real one takes (decode, preprocess, the predict engine, softmax, top-k), so that nothing
+    on that path is first used by a request. The predict batcher's threads run it again each
+    in its own thread (``workers.batching``)."""
+    import io
+
+    import numpy as np
     from PIL import Image
 
-    from schemas.stored_images import encode_rgb
     from workers.pipeline import decode, forward_in_chunks
     from workers.registry import preprocess
     from workers.tasks import top_predictions
 
     model = cache.get(model_id)
     h, w = model.manifest.preprocessing.size
-    stored = encode_rgb(Image.new("RGB", (2 * w, 2 * h), (127, 127, 127)))
-    x, _ = preprocess([decode(stored)], model.manifest.preprocessing)
-    top_predictions(forward_in_chunks(model, x.to(model.device)).softmax(1), model.manifest.labels, 1)
+    # A stored upload as the API stores a camera's photo (schemas.stored_images): a JPEG.
+    noise = np.random.default_rng(0).integers(0, 256, (2 * h, 2 * w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "JPEG", quality=90)
+    x, _ = preprocess([decode(buf.getvalue())], model.manifest.preprocessing)
+    probs = forward_in_chunks(model, x.to(model.device), predict=True).softmax(1)
+    top_predictions(probs, model.manifest.labels, 1)
 
 
 class Warmer:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from workers.warmup import Warmer
 
 log = logging.getLogger(__name__)
+BATCHER_WARM_S = 60.0  # longest wait for the predict batcher's threads to warm before saying ready
 
 
 def reap_abandoned(conn: Redis, queue_names: tuple[str, ...] = keys.QUEUES) -> None:
@@ -130,6 +131,8 @@ class InspectorWorker(SimpleWorker):
         """RQ's wait for the next job: the first call means the worker is registered and
         its scheduler started, so it takes work now: ready (``workers.warmup``)."""
         if self.warmer is not None and not self.warmer.ready:
+            if self.batcher is not None:  # its threads warm their predict path first
+                self.batcher.warmed.wait(BATCHER_WARM_S)
             self.warmer.mark_ready()
         return super().dequeue_job_and_maintain_ttl(*args, **kwargs)
 
