@@ -83,8 +83,11 @@ def photo(shift: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def ready(base: str) -> bool:
-    return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+def ready(http: httpx.Client) -> bool:
+    """``/readyz`` is 200, asked on the client's keep-alive connection, as a load balancer
+    asks before it sends traffic on its pool: the first predict then measures the server,
+    not a new connection."""
+    return http.get("/readyz", timeout=2).status_code == 200
 
 
 def registered(redis_url: str) -> bool:
@@ -147,10 +150,10 @@ def measure_model(
 ) -> dict[str, Any]:
     env = {**env, "INSPECTOR_WARM_MODELS": model, "INSPECTOR_CACHE_DIR": str(cache)}
     base_dir = Path(args.base) if args.base else None
-    is_ready = (lambda: registered(env["INSPECTOR_REDIS_URL"])) if base_dir else (lambda: ready(base))
     image = photo()
     out: dict[str, Any] = {"model": model, "starts": []}
     with httpx.Client(base_url=base, timeout=600) as http:
+        is_ready = (lambda: registered(env["INSPECTOR_REDIS_URL"])) if base_dir else (lambda: ready(http))
         for run in range(args.runs + 1):  # the first on the empty cache
             t0 = time.perf_counter()
             proc = start_worker(env, base_dir, log)

@@ -30,13 +30,16 @@ A request that had to wait for its model to load says how long in ``cold_start_s
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 from PIL import Image
 from redis import Redis
 
@@ -70,6 +73,53 @@ class PredictRequest:
 
 def _error(e: InspectorError) -> dict[str, Any]:
     return {"error": {"type": e.type, "message": e.message, "details": e.details, "status": e.status}}
+
+
+def answer(
+    model: LoadedModel,
+    images: list[Image.Image],
+    requests: list[PredictRequest],
+    spent_s: float = 0.0,
+    cold_s: float = 0.0,
+) -> dict[str, dict[str, Any]]:
+    """One forward for ``images`` (the decoded inputs of ``requests``, in order): each
+    request's reply by id. ``spent_s``: time the batch took before (reported in
+    ``runtime_ms``); ``cold_s``: how long it waited for the model to load."""
+    if not requests:
+        return {}
+    t0 = time.perf_counter() - spent_s
+    # One array for the whole batch: no torch op (whose OpenMP threads would spin beside
+    # another serving thread's forward) before the engine.
+    x, _ = preprocess(images, model.manifest.preprocessing)
+    probs = forward_in_chunks(model, x.to(model.device), predict=True).softmax(1)
+    ms = (time.perf_counter() - t0) * 1000
+    replies, at = {}, 0
+    for r in requests:
+        p, at = probs[at : at + len(r.inputs)], at + len(r.inputs)
+        replies[r.id] = PredictResponse(
+            model_id=model.id,
+            model_version=model.version,
+            predictions=top_predictions(p, model.manifest.labels, r.top_k),
+            runtime_ms=ms,
+            batch_size=len(x),
+            cold_start_s=round(cold_s, 3) if cold_s > 0.05 else None,
+        ).model_dump()
+    return replies
+
+
+def warm_predict_path(models: ModelCache, model_id: str) -> None:
+    """Load and warm the model, then answer one predict of a photo-sized JPEG through the code
+    a real one takes (decode, preprocess, the predict engine, softmax, top-k, the reply), so
+    that nothing on that path is first used by a request. The worker's warm-up runs it
+    (``workers.warmup``), and each serving thread again in its own thread (``_warm``)."""
+    model = models.get(model_id)
+    h, w = model.manifest.preprocessing.size
+    # A stored upload as the API stores a camera's photo (schemas.stored_images): a JPEG,
+    # at least VGA-sized (Pillow keeps the memory blocks of the largest images it decoded).
+    noise = np.random.default_rng(0).integers(0, 256, (max(2 * h, 480), max(2 * w, 640), 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "JPEG", quality=90)
+    json.dumps(answer(model, [decode(buf.getvalue())], [PredictRequest("warm-up", ["warm-up"], 1, math.inf)]))
 
 
 class PredictBatcher:
@@ -156,24 +206,7 @@ class PredictBatcher:
                     continue
                 images.extend(decoded)
                 ok.append(r)
-            if ok:
-                # One array for the whole batch: no torch op (whose OpenMP threads would spin
-                # beside the other serving thread's forward) before the engine.
-                x, _ = preprocess(images, model.manifest.preprocessing)
-                x = x.to(model.device)
-                probs = forward_in_chunks(model, x, predict=True).softmax(1)
-                ms = (time.perf_counter() - t0) * 1000
-                at = 0
-                for r in ok:
-                    p, at = probs[at : at + len(r.inputs)], at + len(r.inputs)
-                    replies[r.id] = PredictResponse(
-                        model_id=model_id,
-                        model_version=model.version,
-                        predictions=top_predictions(p, model.manifest.labels, r.top_k),
-                        runtime_ms=ms,
-                        batch_size=len(x),
-                        cold_start_s=round(cold_s, 3) if cold_s > 0.05 else None,
-                    ).model_dump()
+            replies.update(answer(model, images, ok, time.perf_counter() - t0, cold_s))
         except InspectorError as e:
             replies = {r.id: _error(e) for r in live}
         except Exception as e:  # the waiting requests must get an answer, not a timeout
@@ -217,8 +250,6 @@ class PredictBatcher:
         """Serve one predict of each warm model in this thread before taking requests: a new
         thread's first batch pays for what the worker's warm-up on its main thread did not
         warm (this thread's allocator arena, first decode and engine run in the thread)."""
-        from workers.warmup import warm_predict_path
-
         for model_id in self.models.loaded():
             try:
                 warm_predict_path(self.models, model_id)

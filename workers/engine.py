@@ -17,7 +17,11 @@ DESIGN.md rules 6 and 7. :func:`build_engine` runs once per model version and de
    forward+backward to the input (parameter gradients off) at a few candidate sizes
    (:data:`CPU_CANDIDATES`, :data:`GPU_CANDIDATES`), and pick the smallest within 5% of the
    best. The result is stored beside the ONNX file (``<model_id>-<version>-<libs>.json``, keyed by
-   device and thread counts) so the next worker start only loads and re-checks.
+   device and thread counts) so the next worker start only loads. The file's SHA-256 is
+   stored with a device's entry once it has passed its check there: a start on that device
+   that finds the same bytes does not check them again (the eager passes cost about half a
+   second of every start on 2 cores);
+   other bytes under that name are checked again first.
 
 When export, load or check fails the engine is eager PyTorch (``Engine.name == "eager"``),
 and why is logged and kept in ``Engine.reason`` and in the JSON file (so a failed export is
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -393,6 +398,15 @@ def _device_key(device: torch.device, threads: int, use_onnx: bool) -> str:
     return f"{where}/{'onnx' if use_onnx else 'eager'}"
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _onnx_engine(
     module: nn.Module,
     eager: ForwardFn,
@@ -403,9 +417,12 @@ def _onnx_engine(
     exporters: Sequence[str],
     tol: float,
     spin_wait: bool = True,
+    checked_sha256: str = "",
 ) -> tuple[ForwardFn, str]:
     """Load (exporting first when missing) and check the ONNX engine; returns (forward,
-    exporter that made the file or "" if it existed). Raises :class:`EngineUnavailable`."""
+    exporter that made the file or "" if it existed). An existing file whose SHA-256 is
+    ``checked_sha256`` passed its check before and is not checked again. Raises
+    :class:`EngineUnavailable`."""
     if device.type == "cuda":
         import onnxruntime as ort
 
@@ -419,7 +436,8 @@ def _onnx_engine(
             raise
         except Exception as e:  # a file ONNX Runtime cannot load: serve eager, say why
             raise EngineUnavailable(f"loading {path.name}: {type(e).__name__}: {e}") from e
-        check_against_eager(eager, fwd, probe, (1, 3), tol)
+        if not checked_sha256 or file_sha256(path) != checked_sha256:
+            check_against_eager(eager, fwd, probe, (1, 3), tol)
         return fwd, ""
     errors = []
     for exporter in exporters:
@@ -535,16 +553,21 @@ def build_engine(
             reason = cached["reason"]  # failed before on this device: do not pay for it again
         elif use_onnx:
             try:
+                checked = str((cached or {}).get("onnx_sha256", ""))  # on this device
                 forward, exporter = _onnx_engine(
-                    module, eager, onnx_path, shape, device, threads, exporters, tol, spin_wait
+                    module, eager, onnx_path, shape, device, threads, exporters, tol, spin_wait, checked
                 )
                 name = "onnxruntime-cuda" if device.type == "cuda" else "onnxruntime"
                 if exporter:
                     meta.update(exporter=exporter, torch=torch.__version__)
                     dirty = True
-                if cached is not None and cached["engine"] == name and cached["batch_size"] > 3:
+                trusted = not exporter and bool(checked) and file_sha256(onnx_path) == checked
+                if not trusted and cached is not None and cached["engine"] == name and cached["batch_size"] > 3:
                     n = cached["batch_size"]
                     check_against_eager(eager, forward, probe_batch(shape, n, device), (n,), tol)
+                if not trusted and cached is not None and cached["engine"] == name:
+                    cached["onnx_sha256"] = file_sha256(onnx_path)  # checked at both sizes now
+                    dirty = True
             except EngineUnavailable as e:
                 name, forward, reason = "eager", eager, str(e)
         if cached is None or cached["engine"] != name:
@@ -553,6 +576,8 @@ def build_engine(
             measure_s = time.perf_counter() - t1
             name, reason = cached["engine"], cached["reason"]
             forward = eager if name == "eager" else forward
+            if name != "eager":  # checked at 1, 3 and the chosen size on this device
+                cached["onnx_sha256"] = file_sha256(onnx_path)
             meta["devices"][key] = cached
             dirty = True
         if dirty:

@@ -32,6 +32,7 @@ from schemas import keys
 from schemas.errors import InspectorError
 from schemas.jobs import WarmState
 from workers.allocator import release_free_memory
+from workers.batching import warm_predict_path
 from workers.registry import ModelCache
 
 log = logging.getLogger(__name__)
@@ -48,31 +49,6 @@ def warm_targets(spec: str, available: Sequence[str], preload: Sequence[str] = (
     else:
         chosen = [m.strip() for m in spec.split(",") if m.strip()]
     return list(dict.fromkeys([*chosen, *preload]))
-
-
-def warm_predict_path(cache: ModelCache, model_id: str) -> None:
-    """Load and warm the model, then serve one predict of a photo-sized JPEG through the code a
-    real one takes (decode, preprocess, the predict engine, softmax, top-k), so that nothing
-    on that path is first used by a request. The predict batcher's threads run it again each
-    in its own thread (``workers.batching``)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from workers.pipeline import decode, forward_in_chunks
-    from workers.registry import preprocess
-    from workers.tasks import top_predictions
-
-    model = cache.get(model_id)
-    h, w = model.manifest.preprocessing.size
-    # A stored upload as the API stores a camera's photo (schemas.stored_images): a JPEG.
-    noise = np.random.default_rng(0).integers(0, 256, (2 * h, 2 * w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(noise).save(buf, "JPEG", quality=90)
-    x, _ = preprocess([decode(buf.getvalue())], model.manifest.preprocessing)
-    probs = forward_in_chunks(model, x.to(model.device), predict=True).softmax(1)
-    top_predictions(probs, model.manifest.labels, 1)
 
 
 class Warmer:

@@ -101,14 +101,13 @@ class InspectorWorker(SimpleWorker):
         self._current: tuple[Job, Queue] | None = None
         self._thread = threading.Thread(target=self._beat, name="inspector-heartbeat", daemon=True)
         self.warmer: Warmer | None = None  # publishes what this worker has warm (workers.warmup)
+        self._taking_work = False  # the first dequeue happened: registered, scheduler forked
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.lost_after_s
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         self._thread.start()
-        if self.batcher is not None:
-            self.batcher.start()
         return super().work(*args, **kwargs)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -130,10 +129,16 @@ class InspectorWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(self, *args: Any, **kwargs: Any) -> Any:
         """RQ's wait for the next job: the first call means the worker is registered and
         its scheduler started, so it takes work now: ready (``workers.warmup``)."""
-        if self.warmer is not None and not self.warmer.ready:
-            if self.batcher is not None:  # its threads warm their predict path first
+        if not self._taking_work:
+            self._taking_work = True
+            if self.batcher is not None:
+                # Started now, after RQ has forked its scheduler process: memory the threads
+                # touched before the fork would be copied on their first write to it, on
+                # the first request (copy-on-write). They warm their predict path first.
+                self.batcher.start()
                 self.batcher.warmed.wait(BATCHER_WARM_S)
-            self.warmer.mark_ready()
+            if self.warmer is not None:
+                self.warmer.mark_ready()
         return super().dequeue_job_and_maintain_ttl(*args, **kwargs)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
