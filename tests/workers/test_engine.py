@@ -107,6 +107,40 @@ def test_cache_reused_and_batch_sizes_cached(models_dir: Path, tmp_path: Path, e
     assert build_engine(module, entry, tmp_path, CPU, budget_s=BUDGET_S).batch_size == other
 
 
+def test_a_checked_file_is_not_checked_again_and_other_bytes_are(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device's entry keeps the SHA-256 of the ONNX file it checked: the same bytes load
+    without the eager check; other bytes under that name (here another model's export) are
+    checked again, and fail it."""
+    checks: list[tuple[int, ...]] = []
+    real = engine_mod.check_against_eager
+
+    def counting(eager, forward, probe, sizes, tol):  # type: ignore[no-untyped-def]
+        checks.append(tuple(sizes))
+        return real(eager, forward, probe, sizes, tol)
+
+    monkeypatch.setattr(engine_mod, "check_against_eager", counting)
+    entry = read_entry(models_dir / "digits-cnn")
+    module = build_module(entry)
+    build_engine(module, entry, tmp_path, CPU, budget_s=BUDGET_S)
+    onnx_file = tmp_path / "onnx" / f"digits-cnn-{entry.version}-{library_key()}.onnx"
+    (device,) = json.loads(onnx_file.with_suffix(".json").read_text())["devices"].values()
+    assert device["onnx_sha256"] == engine_mod.file_sha256(onnx_file) and checks
+
+    checks.clear()
+    again = build_engine(module, entry, tmp_path, CPU, budget_s=BUDGET_S)
+    assert again.name == "onnxruntime" and checks == []
+
+    other = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5)
+    engine_mod.export_onnx(other, probe_batch(engine_mod.input_shape(entry), 2, CPU), onnx_file, "torchscript")
+    third = build_engine(module, entry, tmp_path, CPU, budget_s=BUDGET_S)
+    assert checks and third.name == "eager" and third.reason
+
+
 def test_pick_batch_size_smallest_within_five_percent() -> None:
     assert pick_batch_size({1: 10.0, 4: 50.0, 8: 98.0, 16: 100.0, 32: 80.0}) == 8
     assert pick_batch_size({1: 10.0, 4: 50.0, 8: 90.0, 16: 100.0}) == 16
