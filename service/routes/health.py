@@ -14,7 +14,9 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    """Alive: answered on the event loop itself (no thread hand-off), so it shows whether the
+    loop is free."""
     return {"status": "ok"}
 
 
