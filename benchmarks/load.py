@@ -94,10 +94,13 @@ def photo_50kb() -> bytes:
     return buf.getvalue()
 
 
-def requests_load(base: str, model_id: str, image: bytes, clients: int, seconds: float) -> dict[str, Any]:
+def requests_load(
+    base: str, model_id: str, image: bytes, clients: int, seconds: float, pids: dict[str, int] | None = None
+) -> dict[str, Any]:
     """The plain outside client: ``clients`` threads, each with its own python-requests
     keep-alive ``Session``, posting the image as multipart (``files=``) and waiting for the
-    answer, for ``seconds``. Its own CPU per request is in ``client_cpu_ms``."""
+    answer, for ``seconds``. Its own CPU per request is in ``client_cpu_ms``; with ``pids``
+    (name -> process), each process's CPU milliseconds per answered request too."""
     import threading
 
     import requests
@@ -129,12 +132,15 @@ def requests_load(base: str, model_id: str, image: bytes, clients: int, seconds:
     for t in threads:
         t.start()
     stop_at.append(time.perf_counter() + seconds)
+    pids = pids or {}
+    cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
     c0, t0 = own_cpu_s(), time.perf_counter()
     start.wait()
     for t in threads:
         t.join()
     took = time.perf_counter() - t0
     n = max(len(latencies), 1)
+    cpu_ms = {name: (cpu_s(pid) - cpu0[name]) / n * 1000 for name, pid in pids.items()}
     return {
         "client": "requests",
         "clients": clients,
@@ -143,6 +149,7 @@ def requests_load(base: str, model_id: str, image: bytes, clients: int, seconds:
         "p50_ms": pct(latencies, 50) * 1000,
         "p99_ms": pct(latencies, 99) * 1000,
         "client_cpu_ms": (own_cpu_s() - c0) / n * 1000,
+        "cpu_ms_per_request": cpu_ms | {"client": (own_cpu_s() - c0) / n * 1000},
         "errors": errors,
     }
 
@@ -316,7 +323,8 @@ def main() -> None:
 
         max_batch = Settings().predict_max_batch
         if args.plain:
-            results["plain"] = plain_comparison(base, args, image, media_type)
+            pids = {"api": procs[1].pid, "worker": procs[2].pid, "redis": procs[0].pid}
+            results["plain"] = plain_comparison(base, args, image, media_type, pids)
         else:
             print(f"batched forward limit of {args.model} (batch {max_batch}), in-process ...", flush=True)
             def measure_limits() -> list[dict[str, Any]]:
@@ -369,7 +377,9 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
-def plain_comparison(base: str, args: argparse.Namespace, image: bytes, media_type: str) -> list[dict[str, Any]]:
+def plain_comparison(
+    base: str, args: argparse.Namespace, image: bytes, media_type: str, pids: dict[str, int]
+) -> list[dict[str, Any]]:
     """Per ``--clients`` level, ``--rounds`` times, each client with each photo: the lean
     asyncio client and python-requests threads, the model-sized photo (what load.py has
     reported) and the 50 KB one; interleaved so that a change in the machine's load hits all."""
@@ -381,10 +391,10 @@ def plain_comparison(base: str, args: argparse.Namespace, image: bytes, media_ty
             for client in ("asyncio", "requests"):
                 for upload, mt in ((image, media_type), (photo, "image/jpeg")):
                     if client == "asyncio":
-                        row = asyncio.run(predict_load(base, args.model, upload, c, args.duration, media_type=mt))
+                        row = asyncio.run(predict_load(base, args.model, upload, c, args.duration, pids, mt))
                         row["client"] = "asyncio"
                     else:
-                        row = requests_load(base, args.model, upload, c, args.duration)
+                        row = requests_load(base, args.model, upload, c, args.duration, pids)
                     row.update(image_bytes=len(upload), load_avg=os.getloadavg()[0])
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -393,10 +403,15 @@ def plain_comparison(base: str, args: argparse.Namespace, image: bytes, media_ty
 
 def report_plain(r: dict[str, Any]) -> None:
     print(f"\nmodel {r['model']}, {r['cpus']} CPUs, load average {r['load_avg_at_start'][0]:.1f} at start")
-    print(f"{'client':>9} {'image':>8} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'load':>5}  errors")
+    names = ("client", "api", "worker", "redis")
+    print("CPU ms per answered request of each process (all its threads; /proc), and their sum")
+    print(f"{'client':>9} {'image':>8} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'load':>5} "
+          + " ".join(f"{n:>7}" for n in names) + f" {'sum':>7}  errors")  # fmt: skip
     for row in r["plain"]:
+        cpu = row["cpu_ms_per_request"]
         print(f"{row['client']:>9} {row['image_bytes']:>8} {row['clients']:>7} {row['req_per_s']:>8.1f} "
-              f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['load_avg']:>5.1f}  "
+              f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['load_avg']:>5.1f} "
+              + " ".join(f"{cpu[n]:>7.2f}" for n in names) + f" {sum(cpu[n] for n in names):>7.2f}  "
               f"{row['errors'] or '-'}")  # fmt: skip
 
 

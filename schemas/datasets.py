@@ -210,7 +210,9 @@ def _read_labels_csv(data: bytes | str | Path | IO[bytes], member: zipfile.ZipIn
     return out
 
 
-def check_dataset_zip(data: bytes | str | Path | IO[bytes], max_images: int, max_uncompressed_bytes: int) -> ZipDataset:
+def check_dataset_zip(
+    data: bytes | str | Path | IO[bytes], max_images: int, max_uncompressed_bytes: int
+) -> ZipDataset:
     """Check an uploaded data set zip (layout in the module docstring) against the limits;
     raises ``BadParams`` (422) or ``PayloadTooLarge`` (413) like a training set upload.
     Reads the central directory, and ``labels.csv`` when there is one; no image is

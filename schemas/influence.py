@@ -80,24 +80,18 @@ class InfluenceParams(JobParams):
     lissa_repeats: int = Field(1, ge=1, le=64, description="independent LiSSA recursions averaged")
     lissa_batch: int = Field(256, ge=1, le=4096, description="training points per LiSSA step")
     lissa_tail: float = Field(
-        0.5,
-        ge=0.0,
-        lt=1.0,
+        0.5, ge=0.0, lt=1.0,
         description="fraction of final LiSSA iterates averaged (variance reduction; 0 = last iterate, as "
         "Koh and Liang)",
     )
     lissa_scale: float | None = Field(
-        None,
-        gt=0.0,
-        description="LiSSA scale (must exceed the curvature's largest eigenvalue / 2); "
+        None, gt=0.0, description="LiSSA scale (must exceed the curvature's largest eigenvalue / 2); "
         "null = 2x the largest eigenvalue found by power iteration",
     )
     arnoldi_dim: int = Field(200, ge=2, le=2000, description="Krylov subspace dimension (Arnoldi iterations)")
     arnoldi_rank: int = Field(100, ge=1, le=1000, description="top eigenpairs kept (projection dimension)")
     tolerance: float = Field(
-        0.05,
-        gt=0.0,
-        lt=1.0,
+        0.05, gt=0.0, lt=1.0,
         description="a solve whose final relative residual |(C + damping I) x - g| / |g| exceeds this "
         "is flagged as not converged",
     )

@@ -74,88 +74,17 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("attribution", AttributionParams, "default", "Attribution map by any Captum method."),
         KindSpec("occlusion_map", OcclusionMapParams, "default", "Probability under a sliding occluder."),
         KindSpec("compare", CompareParams, "default", "Several attribution methods: table and grid.", min_images=0),
-        KindSpec(
-            "u_analysis",
-            UAnalysisParams,
-            "default",
-            "U Analysis: regions replaced in order, U-triples.",
-            files=("attribution",),
-        ),  # noqa: E501
+        KindSpec("u_analysis", UAnalysisParams, "default", "U Analysis: regions replaced in order, U-triples.", files=("attribution",)),  # noqa: E501
         KindSpec("u_sweep", USweepParams, "low", "U Analysis over a data set x a grid: U occurrence.", min_images=0),
-        KindSpec(
-            "fill_blanks",
-            FillBlanksParams,
-            "default",
-            "Fill in the blanks: how the model fills masked patches.",
-            max_images=16,
-        ),  # noqa: E501
-        KindSpec(
-            "fill_blanks_consistency",
-            FillBlanksConsistencyParams,
-            "low",
-            "Fill in the blanks over a data set: does the model recognise its own fills (Table 1).",
-            min_images=0,
-        ),  # noqa: E501
-        KindSpec(
-            "influence",
-            InfluenceParams,
-            "low",
-            "Layer-wise influence of training images (Koh & Liang 2017).",
-            max_images=32,
-            files=("training_set",),
-        ),  # noqa: E501
-        KindSpec(
-            "attribution_batch",
-            AttributionBatchParams,
-            "low",
-            "One attribution method over a whole data set: maps.npy, per-image CSV.",
-            min_images=0,
-            max_images=0,
-        ),  # noqa: E501
-        KindSpec(
-            "robustness",
-            RobustnessParams,
-            "default",
-            "Model Inspector transforms: noises and shuffles, top-5 before/after.",
-            files=("signal_mask",),
-        ),  # noqa: E501
-        KindSpec(
-            "signal",
-            SignalParams,
-            "default",
-            "Signal vs context: map mass, fills, RFS, Top-K erasing.",
-            max_images=1,
-            files=("signal_mask",),
-        ),  # noqa: E501
-        KindSpec(
-            "reference_map",
-            ReferenceMapParams,
-            "default",
-            "Agreement of a map with a reference map (e.g. human clicks).",
-            max_images=1,
-            files=("reference", "attribution"),
-        ),  # noqa: E501
-        KindSpec(
-            "adversarial",
-            AdversarialParams,
-            "default",
-            "FGSM / I-FGSM / MI-FGSM images: predictions and Grad-CAM before and after, transfer, success rates.",
-            min_images=0,
-        ),  # noqa: E501
-        KindSpec(
-            "noise_images",
-            NoiseImagesParams,
-            "default",
-            "Perlin noise and universal perturbations as inputs: top-5 and Grad-CAM.",
-            min_images=0,
-        ),  # noqa: E501
-        KindSpec(
-            "influence_groups",
-            InfluenceGroupsParams,
-            "low",
-            "Influence of disturbed image groups per layer (Aamir et al. 2023).",
-            max_images=16,
-            files=("training_set",),
-        ),  # noqa: E501
+        KindSpec("fill_blanks", FillBlanksParams, "default", "Fill in the blanks: how the model fills masked patches.", max_images=16),  # noqa: E501
+        KindSpec("fill_blanks_consistency", FillBlanksConsistencyParams, "low", "Fill in the blanks over a data set: does the model recognise its own fills (Table 1).", min_images=0),  # noqa: E501
+        KindSpec("influence", InfluenceParams, "low", "Layer-wise influence of training images (Koh & Liang 2017).", max_images=32, files=("training_set",)),  # noqa: E501
+        KindSpec("attribution_batch", AttributionBatchParams, "low", "One attribution method over a whole data set: maps.npy, per-image CSV.", min_images=0, max_images=0),  # noqa: E501
+        KindSpec("robustness", RobustnessParams, "default", "Model Inspector transforms: noises and shuffles, top-5 before/after.", files=("signal_mask",)),  # noqa: E501
+        KindSpec("signal", SignalParams, "default", "Signal vs context: map mass, fills, RFS, Top-K erasing.", max_images=1, files=("signal_mask",)),  # noqa: E501
+        KindSpec("reference_map", ReferenceMapParams, "default", "Agreement of a map with a reference map (e.g. human clicks).", max_images=1, files=("reference", "attribution")),  # noqa: E501
+        KindSpec("adversarial", AdversarialParams, "default", "FGSM / I-FGSM / MI-FGSM images: predictions and Grad-CAM before and after, transfer, success rates.", min_images=0),  # noqa: E501
+        KindSpec("noise_images", NoiseImagesParams, "default", "Perlin noise and universal perturbations as inputs: top-5 and Grad-CAM.", min_images=0),  # noqa: E501
+        KindSpec("influence_groups", InfluenceGroupsParams, "low", "Influence of disturbed image groups per layer (Aamir et al. 2023).", max_images=16, files=("training_set",)),  # noqa: E501
     ]
 }

@@ -63,7 +63,6 @@ def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[int, int, int
     left, top = (width - cw + 1) // 2, (height - ch + 1) // 2
     return left, top, left + cw, top + ch
 
-
 class TrainingSet(BaseModel):
     """A training set registered with a model (for influence functions and sweeps)."""
 

@@ -48,7 +48,9 @@ def read_header(data: bytes, name: str) -> NpyHeader:
         else:
             raise ValueError(f".npy format version {version[0]}.{version[1]} (1.0 and 2.0 are read)")
     except (ValueError, EOFError, SyntaxError, TypeError, OverflowError) as e:
-        raise BadParams(f"the {name} upload is not a .npy array: {str(e)[:300]}", details={"upload": name}) from None
+        raise BadParams(
+            f"the {name} upload is not a .npy array: {str(e)[:300]}", details={"upload": name}
+        ) from None
     return NpyHeader(tuple(int(s) for s in shape), np.dtype(dtype), bool(fortran), f.tell())
 
 

@@ -60,7 +60,10 @@ def class_to_index(classes: list[str], labels: list[str]) -> dict[str, int] | No
 
 
 def mapping_error(classes: list[str], labels: list[str]) -> str:
-    return f"{len(classes)} class folders, which match the model's labels neither by name nor by count ({len(labels)})"
+    return (
+        f"{len(classes)} class folders, which match the model's labels neither by name nor by count "
+        f"({len(labels)})"
+    )
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,12 @@ class ZipTrainingSet:
 
 def _bad_name(name: str) -> bool:
     parts = name.split("/")
-    return name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":") or any(p == ".." for p in parts)
+    return (
+        name.startswith("/")
+        or "\\" in name
+        or (len(name) > 1 and name[1] == ":")
+        or any(p == ".." for p in parts)
+    )
 
 
 def _ignored(parts: list[str]) -> bool:
@@ -170,7 +178,9 @@ def check_training_zip(
             details={"classes": classes[:100], "labels": labels[:100]},
         )
     if not in_classes:
-        raise BadParams(f"the training_set zip holds no images in its class folders ({', '.join(IMAGE_EXTENSIONS)})")
+        raise BadParams(
+            f"the training_set zip holds no images in its class folders ({', '.join(IMAGE_EXTENSIONS)})"
+        )
     if len(in_classes) > max_images:
         raise PayloadTooLarge(
             f"the training_set zip holds {len(in_classes)} images; the limit is {max_images}",

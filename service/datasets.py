@@ -302,7 +302,9 @@ def _folder_counts(root: Path) -> dict[str, int]:
     if not root.is_dir():
         return counts
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        counts[d.name] = sum(1 for _, _, files in os.walk(d) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        counts[d.name] = sum(
+            1 for _, _, files in os.walk(d) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
     return counts
 
 
@@ -366,7 +368,9 @@ def detail(conn: Redis, registry: ModelRegistry, tenant: str, dataset_id: str) -
 # --- jobs naming data sets ---------------------------------------------------------------
 
 
-def resolve(conn: Redis, registry: ModelRegistry, tenant: str, entry: ModelEntry, params: BaseModel) -> dict[str, str]:
+def resolve(
+    conn: Redis, registry: ModelRegistry, tenant: str, entry: ModelEntry, params: BaseModel
+) -> dict[str, str]:
     """Check the data sets a job's params name (the tenant's; a training set's classes must
     fit the model's labels; a registered split the model has) and return ``{id: sha256}`` of the uploads for
     the job's payload. 404 ``unknown_dataset``, 422 ``bad_params``."""
@@ -399,12 +403,7 @@ def resolve(conn: Redis, registry: ModelRegistry, tenant: str, entry: ModelEntry
 
 
 def check_job(
-    conn: Redis,
-    registry: ModelRegistry,
-    tenant: str,
-    entry: ModelEntry,
-    params: BaseModel,
-    n_images: int,
+    conn: Redis, registry: ModelRegistry, tenant: str, entry: ModelEntry, params: BaseModel, n_images: int,
     files: dict[str, bytes] | None = None,
 ) -> dict[str, str]:
     """The data-set checks of a submission: images or a data set, not both (and not neither,

@@ -72,10 +72,7 @@ class TrainingSetData:
 
     @classmethod
     def from_tensors(
-        cls,
-        images: torch.Tensor,
-        labels: torch.Tensor | np.ndarray,
-        source: str = "tensors",
+        cls, images: torch.Tensor, labels: torch.Tensor | np.ndarray, source: str = "tensors",
         display: np.ndarray | None = None,
     ) -> TrainingSetData:
         """A set held in memory: ``images (n, C, H, W)`` float, ``labels (n,)``; ``display``
@@ -227,7 +224,9 @@ def _check_pixels(img: Image.Image, name: str, max_pixels: int) -> None:
         )
 
 
-def _pieces(archive: bytes | Path, info: zipfile.ZipInfo, zf: zipfile.ZipFile | None) -> Iterator[bytes | memoryview]:
+def _pieces(
+    archive: bytes | Path, info: zipfile.ZipInfo, zf: zipfile.ZipFile | None
+) -> Iterator[bytes | memoryview]:
     """Member ``info`` streamed: from bytes by ``schemas.training_zip.iter_member`` (stopped past
     its declared size); from a stored data set's file (checked by the API when it was uploaded)
     by zipfile's own reader, which also stops at the declared size and checks the CRC."""
@@ -287,17 +286,11 @@ def _read_zip_images(
                         warnings.simplefilter("error", Image.DecompressionBombWarning)
                         img.load()
                     images.append(to_rgb(ImageOps.exif_transpose(img)))  # as the API stores uploads
-            except (
-                OSError,
-                UnidentifiedImageError,
-                ValueError,
-                SyntaxError,
-                EOFError,
-                NotImplementedError,
-                zipfile.BadZipFile,
-                Image.DecompressionBombWarning,
-            ) as e:
-                raise BadParams(f"training_set image {name!r} cannot be read: {e}", details={"member": name}) from None
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, NotImplementedError,
+                    zipfile.BadZipFile, Image.DecompressionBombWarning) as e:
+                raise BadParams(
+                    f"training_set image {name!r} cannot be read: {e}", details={"member": name}
+                ) from None
     return preprocess(images, pre)
 
 

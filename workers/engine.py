@@ -20,8 +20,7 @@ DESIGN.md rules 6 and 7. :func:`build_engine` runs once per model version and de
    device and thread counts) so the next worker start only loads. The file's SHA-256 is
    stored with a device's entry once it has passed its check there: a start on that device
    that finds the same bytes does not check them again (the eager passes cost about half a
-   second of every start on 2 cores);
-   other bytes under that name are checked again first.
+   second of every start on 2 cores); other bytes under that name are checked again first.
 
 When export, load or check fails the engine is eager PyTorch (``Engine.name == "eager"``),
 and why is logged and kept in ``Engine.reason`` and in the JSON file (so a failed export is
@@ -35,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -51,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from schemas.manifests import ModelEntry
+from schemas.manifests import ModelEntry, file_sha256
 from workers.allocator import ALLOCATOR_ENV  # noqa: F401  (re-exported for launchers)
 from workers.budget import JOB_STOPS
 from workers.explain.base import ForwardFn
@@ -396,15 +394,6 @@ def _device_key(device: torch.device, threads: int, use_onnx: bool) -> str:
     else:
         where = f"cpu:ort{threads}:torch{torch.get_num_threads()}"
     return f"{where}/{'onnx' if use_onnx else 'eager'}"
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _onnx_engine(

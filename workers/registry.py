@@ -98,7 +98,9 @@ def _write_model(directory: Path, manifest: ModelManifest, module: nn.Module) ->
     weights = directory / manifest.weights
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
     layers, types = _layer_names(module)
-    manifest = manifest.model_copy(update={"sha256": file_sha256(weights), "layers": layers, "module_types": types})
+    manifest = manifest.model_copy(
+        update={"sha256": file_sha256(weights), "layers": layers, "module_types": types}
+    )
     _write_manifest(directory, manifest)
 
 
@@ -399,8 +401,9 @@ class ModelCache:
         shape = input_shape(entry)
         t1 = time.perf_counter()
         for n in sorted({1, engine.batch_size}):
-            for forward in {engine.forward, engine.predict_forward or engine.forward}:
-                forward(probe_batch(shape, n, self.device))
+            for forward in (engine.forward, engine.predict_forward):  # the predicts' session too
+                if forward is not None:
+                    forward(probe_batch(shape, n, self.device))
         t_forward = time.perf_counter() - t1
         t1 = time.perf_counter()
         eager_grad_pass(module)(probe_batch(shape, 1, self.device))

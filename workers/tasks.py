@@ -152,13 +152,8 @@ def _board(conn: Redis, job_id: str, n_chunks: int) -> ChunkBoard:
 
 
 def _chunk_runner(
-    module: Any,
-    model: LoadedModel,
-    inputs: Inputs,
-    params: BaseModel,
-    chunks: list[dict[str, Any]],
-    context: JobContext,
-    check: Callable[[], None],
+    module: Any, model: LoadedModel, inputs: Inputs, params: BaseModel, chunks: list[dict[str, Any]],
+    context: JobContext, check: Callable[[], None],
 ) -> Callable[[int, Callable[[], None]], dict[str, Any]]:
     def compute(i: int, renew: Callable[[], None]) -> dict[str, Any]:
         def progress(done: int, total: int, stage: str) -> None:

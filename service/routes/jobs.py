@@ -27,7 +27,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 POLL_S = 0.05
 
 
-async def _view(conn: RedisDep, job_id: str, tenant: str, base_url: str = "", deduplicated: bool = False) -> JobView:
+async def _view(
+    conn: RedisDep, job_id: str, tenant: str, base_url: str = "", deduplicated: bool = False
+) -> JobView:
     job = await asyncio.to_thread(jobs.fetch, conn, job_id, tenant)
     return await asyncio.to_thread(jobs.view, job, conn, base_url, deduplicated)
 
@@ -87,7 +89,9 @@ async def submit(
         await asyncio.sleep(POLL_S)
         view = await _view(conn, job.id, tenant.name, settings.public_url, reused)
     status = 200 if view.status is JobStatus.finished else 202
-    return JSONResponse(view.model_dump(mode="json"), status_code=status, headers={"Location": f"/v1/jobs/{job.id}"})
+    return JSONResponse(
+        view.model_dump(mode="json"), status_code=status, headers={"Location": f"/v1/jobs/{job.id}"}
+    )
 
 
 @router.get("/{job_id}", response_model=JobView, responses=ERRORS)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from schemas.manifests import ModelEntry, read_entry
+from schemas.manifests import ModelEntry, file_sha256, read_entry
 from schemas.models import ModelManifest, Preprocessing
 from workers import engine as engine_mod
 from workers.engine import (
@@ -126,7 +126,7 @@ def test_a_checked_file_is_not_checked_again_and_other_bytes_are(
     build_engine(module, entry, tmp_path, CPU, budget_s=BUDGET_S)
     onnx_file = tmp_path / "onnx" / f"digits-cnn-{entry.version}-{library_key()}.onnx"
     (device,) = json.loads(onnx_file.with_suffix(".json").read_text())["devices"].values()
-    assert device["onnx_sha256"] == engine_mod.file_sha256(onnx_file) and checks
+    assert device["onnx_sha256"] == file_sha256(onnx_file) and checks
 
     checks.clear()
     again = build_engine(module, entry, tmp_path, CPU, budget_s=BUDGET_S)

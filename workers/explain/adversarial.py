@@ -285,9 +285,8 @@ def model_report(
             ]
             artifacts += [
                 Artifact(f"{i}-{model.id}-gradcam.npy", render.npy_bytes(m), "application/x-npy"),
-                Artifact(
-                    f"{i}-{model.id}-gradcam.png", render.montage_png(tiles, titles, cols=2, side=224), "image/png"
-                ),  # fmt: skip
+                Artifact(f"{i}-{model.id}-gradcam.png", render.montage_png(tiles, titles, cols=2, side=224),
+                         "image/png"),  # fmt: skip
             ]
         rows.append(row)
     evaluations = 0 if maps is None else int(len(keep))
@@ -462,12 +461,10 @@ def run_dataset(
         "runtime_s": round(time.perf_counter() - t0, 4),
     }
     artifacts = [
-        Artifact(
-            "success.csv", render.csv_bytes(SUCCESS_FIELDS, [[r[k] for k in SUCCESS_FIELDS] for r in rows]), "text/csv"
-        ),  # fmt: skip
-        Artifact(
-            "images.csv", render.csv_bytes(IMAGE_FIELDS, [[r[k] for k in IMAGE_FIELDS] for r in per_image]), "text/csv"
-        ),  # fmt: skip
+        Artifact("success.csv", render.csv_bytes(SUCCESS_FIELDS, [[r[k] for k in SUCCESS_FIELDS] for r in rows]),
+                 "text/csv"),  # fmt: skip
+        Artifact("images.csv", render.csv_bytes(IMAGE_FIELDS, [[r[k] for k in IMAGE_FIELDS] for r in per_image]),
+                 "text/csv"),  # fmt: skip
     ]
     return KindResult(summary, artifacts)
 

@@ -195,12 +195,8 @@ def aggregate(
         "method": params.attribution.method,
         "params": params.attribution.model_dump(mode="json", exclude={"target", "batch_size"}),
         "target": params.target if params.target is not None else params.target_from,
-        "maps": {
-            "file": MAPS,
-            "shape": [n, h, w],
-            "dtype": params.dtype,
-            "aggregation": params.attribution.aggregation,
-        },  # fmt: skip
+        "maps": {"file": MAPS, "shape": [n, h, w], "dtype": params.dtype,
+                 "aggregation": params.attribution.aggregation},  # fmt: skip
         "accuracy": round(correct / labelled, 6) if labelled else None,
         "mean_target_probability": round(probability / n, 6) if n else None,
         "chunks": len(results),

@@ -293,9 +293,8 @@ class LayerCurvature:
             b = int(idx.numel())
             buf = self._gather.get("jac")
             if buf is None or buf.shape[0] < b:
-                buf = self._gather["jac"] = torch.empty(
-                    (b, *self.jac.shape[1:]), dtype=self.jac.dtype, device=self.jac.device
-                )
+                buf = self._gather["jac"] = torch.empty((b, *self.jac.shape[1:]), dtype=self.jac.dtype,
+                                                        device=self.jac.device)
             j = torch.index_select(self.jac, 0, idx, out=buf[:b])
             p = self.probs[idx][:, :, None]
         m, k, size = j.shape
@@ -325,17 +324,8 @@ class LayerCurvature:
         contiguous slices of it. The Jacobians are not copied: a mini-batch's rows are
         gathered into one reused buffer (copying all of them per epoch, 267 MB for conv2 of
         digits-cnn, took 60% of a LiSSA solve)."""
-        out = LayerCurvature(
-            self.fn,
-            self.train,
-            self.index[perm],
-            self.kind,
-            self.damping,
-            self.chunk,
-            self.device,
-            self.jac,
-            self.probs,
-        )
+        out = LayerCurvature(self.fn, self.train, self.index[perm], self.kind, self.damping, self.chunk,
+                             self.device, self.jac, self.probs)
         if self.jac is not None:
             base = self.order.cpu().numpy() if self.order is not None else np.arange(len(self.index))
             out.order = torch.as_tensor(base[perm], device=self.jac.device)
@@ -712,13 +702,8 @@ def solve_lissa(
         residual=res,
         converged=[r <= params.tolerance for r in res],
         max_eigenvalue=top,
-        extra={
-            "scale": scale,
-            "depth": params.lissa_depth,
-            "repeats": params.lissa_repeats,
-            "batch": batch,
-            "tail": params.lissa_tail,
-        },
+        extra={"scale": scale, "depth": params.lissa_depth, "repeats": params.lissa_repeats, "batch": batch,
+               "tail": params.lissa_tail},
     )
     if diverged:
         report.notes.append("the recursion diverged: scale is below the curvature's largest eigenvalue / 2")
@@ -933,9 +918,8 @@ def _training_pass(
     sub_pos = np.full(n, -1)
     sub_pos[subset] = np.arange(len(subset))
     grads = {li: np.empty((n, fns[li].flat0.numel()), dtype=np.float32) for li in need_grads}
-    jacs = {
-        li: torch.empty(len(subset), num_classes, fns[li].flat0.numel(), dtype=dtype, device=device) for li in need_jac
-    }
+    jacs = {li: torch.empty(len(subset), num_classes, fns[li].flat0.numel(), dtype=dtype, device=device)
+            for li in need_jac}
     probs = torch.empty(len(subset), num_classes, dtype=dtype, device=device)
     jac_fns = [fns[li] for li in need_jac]
     for start, x, y in train.batches(chunk, None if need_grads else subset):
@@ -1000,16 +984,12 @@ def compute_influence(
         if arr is not None and arr.shape == (n, layer.numel):
             grads[li] = arr
     cached_layers = [layers[li].name for li in grads]
-    jac_keys = {
-        li: ("jacobian", *_store_key(model, train, layer), sub_key)
-        for li, layer in enumerate(layers)
-        if params.curvature == "ggn" and len(subset) * num_classes * layer.numel * 4 <= JACOBIAN_BYTES
-    }
+    jac_keys = {li: ("jacobian", *_store_key(model, train, layer), sub_key) for li, layer in enumerate(layers)
+                if params.curvature == "ggn" and len(subset) * num_classes * layer.numel * 4 <= JACOBIAN_BYTES}
     jacs = {li: _factors.get(k) for li, k in jac_keys.items()}
     jacs = {li: v for li, v in jacs.items() if v is not None}
-    need_grads = [
-        li for li, layer in enumerate(layers) if li not in grads and n * layer.numel * 4 <= MAX_CACHED_LAYER_BYTES
-    ]
+    need_grads = [li for li, layer in enumerate(layers)
+                  if li not in grads and n * layer.numel * 4 <= MAX_CACHED_LAYER_BYTES]
     streamed = [li for li in range(len(layers)) if li not in grads and li not in need_grads]
     need_jac = [li for li in jac_keys if li not in jacs]
     if need_grads or need_jac:
@@ -1033,11 +1013,8 @@ def compute_influence(
         curv = LayerCurvature(fn, train, subset, params.curvature, params.damping, op_chunk, device, jac, probs)
         key = (*_store_key(model, train, layer), params.curvature, params.damping, sub_key)
         stage = f"solve {layer.name} ({params.solver})"
-        budget = {
-            "cg": params.cg_max_iter,
-            "lissa": params.lissa_depth * params.lissa_repeats,
-            "arnoldi": params.arnoldi_dim,
-        }.get(params.solver, 1)
+        budget = {"cg": params.cg_max_iter, "lissa": params.lissa_depth * params.lissa_repeats,
+                  "arnoldi": params.arnoldi_dim}.get(params.solver, 1)
 
         def tick(done: int, stage: str = stage, budget: int = budget) -> None:
             progress(min(done, budget), budget, stage)
@@ -1134,14 +1111,8 @@ def average_linkage(vectors: np.ndarray | None = None, rho: np.ndarray | None = 
 
 def _top(row: np.ndarray, labels: np.ndarray, names: list[str], k: int, helpful: bool) -> list[dict[str, Any]]:
     order = np.argsort(-row if helpful else row, kind="stable")[:k]
-    return [
-        {
-            "index": int(j),
-            "label": names[int(labels[j])] if 0 <= labels[j] < len(names) else str(labels[j]),
-            "score": float(row[j]),
-        }
-        for j in order
-    ]
+    return [{"index": int(j), "label": names[int(labels[j])] if 0 <= labels[j] < len(names) else str(labels[j]),
+             "score": float(row[j])} for j in order]
 
 
 def image_summary(
@@ -1241,15 +1212,8 @@ def unsound_details(result: InfluenceScores) -> list[dict[str, Any]]:
     for layer, r in zip(result.layers, result.reports, strict=True):
         bad = [i for i in range(len(r.converged)) if not r.sound(i)]
         if bad:
-            out.append(
-                {
-                    "layer": layer.name,
-                    "images": bad,
-                    "indefinite": r.indefinite,
-                    "residual": [finite_or_none(r.residual[i]) for i in bad],
-                    "notes": r.notes,
-                }
-            )
+            out.append({"layer": layer.name, "images": bad, "indefinite": r.indefinite,
+                        "residual": [finite_or_none(r.residual[i]) for i in bad], "notes": r.notes})
     return out
 
 
@@ -1258,18 +1222,12 @@ def enforce_soundness(result: InfluenceScores, params: InfluenceParams) -> list[
     bad = unsound_details(result)
     if not bad:
         return []
-    hint = (
-        "use curvature='ggn' (positive semi-definite), raise the damping, or give the solver "
-        "more iterations (cg_max_iter, lissa_depth)"
-    )
+    hint = ("use curvature='ggn' (positive semi-definite), raise the damping, or give the solver "
+            "more iterations (cg_max_iter, lissa_depth)")
     if params.on_unsound == "fail":
         raise BadParams(f"the influence solve is not sound for {len(bad)} layer(s): {hint}", details=bad)
-    return [
-        f"layer {b['layer']!r}: "
-        + ("indefinite curvature" if b["indefinite"] else "not converged")
-        + f" for image(s) {b['images']}; scores are unreliable ({hint})"
-        for b in bad
-    ]
+    return [f"layer {b['layer']!r}: " + ("indefinite curvature" if b["indefinite"] else "not converged")
+            + f" for image(s) {b['images']}; scores are unreliable ({hint})" for b in bad]
 
 
 def resolve_training_set(model: LoadedModel, context: Any, ref: str | None = None) -> TrainingSetData:
@@ -1316,46 +1274,23 @@ def run(
     images = []
     artifacts = [
         Artifact("scores.npy", npy_bytes(all_rows.astype(np.float32)), "application/x-npy"),
-        Artifact(
-            "class_means.npy",
-            npy_bytes(class_means(all_rows, train.labels, len(labels)).astype(np.float32)),
-            "application/x-npy",
-        ),
+        Artifact("class_means.npy", npy_bytes(class_means(all_rows, train.labels, len(labels)).astype(np.float32)),
+                 "application/x-npy"),
     ]
     for i in range(len(inputs)):
         target = int(inputs.targets[i])
         s = image_summary(names, all_rows[i], train.labels, labels, target, params.top_k)
         caption = f"test: {labels[target]}"
-        artifacts.append(
-            Artifact(
-                f"top_{i}.png",
-                top_grid_png(inputs.display[i], caption, names, s["top_helpful"], s["top_harmful"], train),
-                "image/png",
-            )
-        )
+        artifacts.append(Artifact(f"top_{i}.png", top_grid_png(
+            inputs.display[i], caption, names, s["top_helpful"], s["top_harmful"], train), "image/png"))
         if "linkage" in s:
-            artifacts.append(
-                Artifact(
-                    f"layers_{i}.png",
-                    clustering_png(
-                        names[:-1],
-                        np.array(s["pearson"]),
-                        np.array(s["linkage"]),
-                        f"image {i}: layer-wise influence scores",
-                    ),
-                    "image/png",
-                )
-            )
-        images.append(
-            {
-                "index": i,
-                "target": target,
-                "label": labels[target],
-                "test_loss": float(result.test_loss[i]),
-                "sound": result.sound(i),
-                **s,
-            }
-        )
+            artifacts.append(Artifact(f"layers_{i}.png", clustering_png(
+                names[:-1], np.array(s["pearson"]), np.array(s["linkage"]),
+                f"image {i}: layer-wise influence scores"), "image/png"))
+        images.append({
+            "index": i, "target": target, "label": labels[target], "test_loss": float(result.test_loss[i]),
+            "sound": result.sound(i), **s,
+        })
         progress(i + 1, len(inputs), "rendering")
     summary = {
         "training_set": {"source": train.source, "size": len(train), "fingerprint": train.fingerprint[:16]},
@@ -1363,10 +1298,8 @@ def run(
         "curvature": params.curvature,
         "damping": params.damping,
         "rows": names,
-        "layers": [
-            {"name": layer.name, "type": layer.kind, "params": layer.numel, "solve": r.as_dict()}
-            for layer, r in zip(result.layers, result.reports, strict=True)
-        ],
+        "layers": [{"name": layer.name, "type": layer.kind, "params": layer.numel, "solve": r.as_dict()}
+                   for layer, r in zip(result.layers, result.reports, strict=True)],
         "sound": all(result.sound(i) for i in range(len(inputs))),
         "warnings": warnings,
         "cached_layers": result.cached_layers,

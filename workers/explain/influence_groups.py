@@ -154,7 +154,9 @@ def build_groups(
     return torch.cat(images), display, torch.cat(targets), names
 
 
-def image_vectors(rows_scores: np.ndarray, labels: np.ndarray, targets: np.ndarray, average_over: str) -> np.ndarray:
+def image_vectors(
+    rows_scores: np.ndarray, labels: np.ndarray, targets: np.ndarray, average_over: str
+) -> np.ndarray:
     """Each image's layer-wise score ``(M, L + 1)``: the mean over the training points of its
     target class (intra), of the other classes (inter) or all, of ``rows_scores`` ``(M, L + 1, n)``."""
     out = np.full(rows_scores.shape[:2], np.nan)
@@ -166,11 +168,7 @@ def image_vectors(rows_scores: np.ndarray, labels: np.ndarray, targets: np.ndarr
 
 
 def curves_png(
-    layer_names: list[str],
-    groups: list[str],
-    vectors: np.ndarray,
-    names: list[str],
-    classes: list[str],
+    layer_names: list[str], groups: list[str], vectors: np.ndarray, names: list[str], classes: list[str],
     targets: np.ndarray,
 ) -> bytes:
     """The paper's Fig. 9: one panel per group, the layer-wise average influence of each class
@@ -242,22 +240,16 @@ def run(
     group_rows = []
     for gi, g in enumerate(groups):
         sel = member[g]
-        per_class = {
-            labels[int(t)]: {
-                r: finite_or_none(float(v))
-                for r, v in zip(rows, np.nanmean(vectors[sel & (tgt == t)], axis=0), strict=True)
-            }
-            for t in np.unique(tgt[sel])
-        }
-        group_rows.append(
-            {
-                "name": g,
-                "images": int(sel.sum()),
-                "accuracy": float((pred[sel] == tgt[sel]).mean()),
-                "layer_means": {r: finite_or_none(float(v)) for r, v in zip(rows, means[gi], strict=True)},
-                "class_means": per_class,
-            }
-        )
+        per_class = {labels[int(t)]: {r: finite_or_none(float(v)) for r, v in
+                                      zip(rows, np.nanmean(vectors[sel & (tgt == t)], axis=0), strict=True)}
+                     for t in np.unique(tgt[sel])}
+        group_rows.append({
+            "name": g,
+            "images": int(sel.sum()),
+            "accuracy": float((pred[sel] == tgt[sel]).mean()),
+            "layer_means": {r: finite_or_none(float(v)) for r, v in zip(rows, means[gi], strict=True)},
+            "class_means": per_class,
+        })
     layer_part = means[:, :-1]
     summary: dict[str, Any] = {
         "training_set": {"source": train.source, "size": len(train), "fingerprint": train.fingerprint[:16]},
@@ -267,21 +259,12 @@ def run(
         "average_over": params.average_over,
         "rows": rows,
         "groups": group_rows,
-        "images": [
-            {
-                "index": i,
-                "group": names[i],
-                "target": int(tgt[i]),
-                "predicted": int(pred[i]),
-                "sound": result.sound(i),
-                "layer_scores": {r: finite_or_none(float(v)) for r, v in zip(rows, vectors[i], strict=True)},
-            }
-            for i in range(len(names))
-        ],
-        "layers": [
-            {"name": layer.name, "type": layer.kind, "params": layer.numel, "solve": r.as_dict()}
-            for layer, r in zip(result.layers, result.reports, strict=True)
-        ],
+        "images": [{"index": i, "group": names[i], "target": int(tgt[i]), "predicted": int(pred[i]),
+                    "sound": result.sound(i),
+                    "layer_scores": {r: finite_or_none(float(v)) for r, v in zip(rows, vectors[i], strict=True)}}
+                   for i in range(len(names))],
+        "layers": [{"name": layer.name, "type": layer.kind, "params": layer.numel, "solve": r.as_dict()}
+                   for layer, r in zip(result.layers, result.reports, strict=True)],
         "sound": all(result.sound(i) for i in range(len(names))),
         "warnings": warnings,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
@@ -296,16 +279,12 @@ def run(
     if len(groups) >= 2:
         finite = np.nan_to_num(layer_part)
         rho = layer_correlation(finite) if layer_part.shape[1] >= 2 else np.eye(len(groups))
-        z = average_linkage(rho=rho) if params.cluster_distance == "correlation" else average_linkage(vectors=finite)
+        z = (average_linkage(rho=rho) if params.cluster_distance == "correlation"
+             else average_linkage(vectors=finite))
         summary["pearson"] = np.round(rho, 6).tolist()
         summary["linkage"] = np.round(z, 6).tolist()
         summary["cluster_distance"] = params.cluster_distance
-        artifacts.append(
-            Artifact(
-                "groups_clustering.png",
-                clustering_png(groups, rho, z, f"groups: average linkage ({params.cluster_distance})"),
-                "image/png",
-            )
-        )
+        artifacts.append(Artifact("groups_clustering.png", clustering_png(
+            groups, rho, z, f"groups: average linkage ({params.cluster_distance})"), "image/png"))
     progress(1, 1, "done")
     return KindResult(summary, artifacts)

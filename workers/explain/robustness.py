@@ -201,3 +201,4 @@ def _artifacts(
             (f"{r['key']}", r["top"]) for r in info["transforms"]]), "image/png"))  # fmt: skip
     artifacts.append(Artifact("robustness.csv", render.csv_bytes(CSV_FIELDS, rows), "text/csv"))
     return artifacts
+

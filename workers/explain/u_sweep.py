@@ -424,10 +424,7 @@ def dataset(
 
 
 def run(
-    model: LoadedModel,
-    inputs: Inputs | None,
-    params: USweepParams,
-    progress: ProgressFn,
+    model: LoadedModel, inputs: Inputs | None, params: USweepParams, progress: ProgressFn,
     context: JobContext | None = None,
 ) -> KindResult:
     """The ``u_sweep`` kind in one process: every chunk of ``plan_sweep``, then
