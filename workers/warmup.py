@@ -1,10 +1,13 @@
 """Warm-up: a worker loads and warms its models before it takes work, and says so.
 
 What "warm" means (``workers.registry.ModelCache._load``): weights loaded, the forward
-engine exported (or loaded from the disk cache) and checked, batch sizes measured (or read
-from the cache), one forward and one forward+backward run at those sizes. The engine cache
-(``<cache_dir>/onnx``, ``workers.engine``) is keyed by model version, device and library
-versions, so a restarted worker re-checks instead of re-exporting and re-measuring.
+engine exported and checked (or loaded from the disk cache), batch sizes measured (or read
+from the cache), one forward and one forward+backward run at those sizes, then one predict
+answered through the predict path (``workers.batching.warm_predict_path``; each serving
+thread of the predict batcher answers one more in its own thread before the worker says
+ready). The engine cache (``<cache_dir>/onnx``, ``workers.engine``) is keyed by model
+version, device and library versions, so a restarted worker loads instead of re-exporting
+and re-measuring.
 
 :class:`Warmer` warms the models the ``warm_models`` setting names (``all`` registered
 ones, ``none``, or ids separated by commas; ``--preload`` adds to them) before the worker
