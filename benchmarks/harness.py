@@ -56,12 +56,15 @@ def stack_env(redis_port: int, models_dir: str, **extra: str) -> dict[str, str]:
 
 def start_stack(env: dict[str, str], redis_port: int, api_port: int, cwd: Path) -> list[subprocess.Popen]:
     """``[redis-server, uvicorn]`` on loopback (no persistence; the API at ``api_port``, with
-    ``env``): what the service benchmarks start before their workers."""
+    ``env`` less the workers' allocator settings, as ``inspector run`` starts it): what the
+    service benchmarks start before their workers."""
+    from service.devserver import api_env
+
     return [
         subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                           "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         subprocess.Popen([sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
-                          "--port", str(api_port), "--log-level", "warning"], env=env, cwd=cwd),
+                          "--port", str(api_port), "--log-level", "warning"], env=api_env(env), cwd=cwd),
     ]  # fmt: skip
 
 

@@ -31,13 +31,14 @@ EXIF_ORIENTATION = 0x0112
 
 def is_plain_jpeg(img: Image.Image) -> bool:
     """Whether an opened upload may be stored as uploaded: a JPEG that decodes to 8-bit RGB
-    needing no rotation, up to ``RAW_MAX_PIXELS`` (see the module doc)."""
-    return (
-        img.format == "JPEG"
-        and img.mode == "RGB"
-        and img.width * img.height <= RAW_MAX_PIXELS
-        and img.getexif().get(EXIF_ORIENTATION, 1) == 1
-    )
+    needing no rotation, up to ``RAW_MAX_PIXELS`` (see the module doc). A JPEG whose EXIF
+    cannot be read is not (the normal path reports it)."""
+    if img.format != "JPEG" or img.mode != "RGB" or img.width * img.height > RAW_MAX_PIXELS:
+        return False
+    try:
+        return img.getexif().get(EXIF_ORIENTATION, 1) == 1
+    except Exception:  # Pillow raises several types on a malformed EXIF block
+        return False
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

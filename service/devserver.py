@@ -39,6 +39,15 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def api_env(env: dict[str, str]) -> dict[str, str]:
+    """The API's environment: ``env`` without glibc's ``MALLOC_*`` tunables (the Makefile
+    exports the workers' allocator settings, ``workers.allocator``, to everything it starts).
+    They keep freed memory on the heap for a worker's next batch; in the API they would keep
+    a big upload's decoded pixels resident, and make the next big decode zero heap pages
+    (holding the GIL, in Pillow) that a fresh mapping gets zeroed for free."""
+    return {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
+
+
 class DevServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -66,7 +75,8 @@ class DevServer:
     # --- children ---
 
     def spawn(self, name: str, argv: list[str], **kwargs: object) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, env=self.env, process_group=0, **kwargs)  # type: ignore[call-overload]
+        env = api_env(self.env) if name == "api" else self.env
+        proc = subprocess.Popen(argv, env=env, process_group=0, **kwargs)  # type: ignore[call-overload]
         self.procs.append((name, proc))
         return proc
 

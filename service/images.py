@@ -26,7 +26,7 @@ Image.MAX_IMAGE_PIXELS = None  # our own limit is applied before decoding, from 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    data: bytes  # normalised 8-bit RGB, as stored for the workers (schemas.stored_images)
+    data: bytes  # as stored for the workers (schemas.stored_images): a plain JPEG as uploaded, else 8-bit RGB
     sha256: str  # of the uploaded bytes
     width: int
     height: int

@@ -28,6 +28,11 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\x00")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -47,6 +52,7 @@ def test_ctrl_c_stops_api_worker_and_redis_in_order_with_exit_0_and_no_traceback
         INSPECTOR_DEVICE="cpu",
         INSPECTOR_WARM_MODELS="digits-cnn",
         INSPECTOR_API_PORT=str(port),
+        MALLOC_TOP_PAD_="268435456",  # as the Makefile exports it
     )
     log = tmp_path / "run.log"
     with log.open("wb") as out:
@@ -66,6 +72,14 @@ def test_ctrl_c_stops_api_worker_and_redis_in_order_with_exit_0_and_no_traceback
             time.sleep(0.2)
         children = _descendants(proc.pid)
         assert len(children) >= 4, "redis, worker (+ its scheduler), api"
+        # The workers' allocator settings reach the workers, not the API (service.devserver.api_env).
+        environ = {pid: _environ(pid) for pid in children}
+        cmdlines = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children}
+        api = [pid for pid, c in cmdlines.items() if b"uvicorn" in c]
+        worker = [pid for pid, c in cmdlines.items() if b"workers\x00worker" in c]
+        assert api and worker, cmdlines
+        assert all("MALLOC_TOP_PAD_" not in environ[pid] for pid in api)
+        assert all(environ[pid].get("MALLOC_TOP_PAD_") == "268435456" for pid in worker)
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         assert proc.wait(120) == 0
     finally:
