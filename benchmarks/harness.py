@@ -68,6 +68,14 @@ def start_stack(env: dict[str, str], redis_port: int, api_port: int, cwd: Path) 
     ]  # fmt: skip
 
 
+def stop_stack(procs: list[subprocess.Popen]) -> None:
+    """Terminate what :func:`start_stack` (and the benchmark after it) started, last first."""
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        p.wait(30)
+
+
 class Connection:
     """One keep-alive HTTP/1.1 connection that posts a prepared request and reads the answer
     (a response with a Content-Length, as uvicorn sends for JSON)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from harness import free_port, stack_env, start_stack, wait_until
+from harness import free_port, stack_env, start_stack, stop_stack, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -85,10 +85,7 @@ def main() -> None:
                   f"-> {out['status']} in {out['s']:.1f} s; {len(times)} /healthz: median {ms[0]:.1f} ms, "
                   f"p99 {ms[1]:.1f} ms, max {ms[2]:.1f} ms, load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            p.wait(30)
+        stop_stack(procs)
 
 
 if __name__ == "__main__":
