@@ -36,6 +36,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -107,19 +108,25 @@ def answer(
     return replies
 
 
+def warm_up_photo(model: LoadedModel) -> bytes:
+    """A stored upload as the API stores a camera's photo (``schemas.stored_images``): a
+    JPEG, at least VGA-sized (Pillow keeps the memory blocks of the largest images it
+    decoded), of noise."""
+    h, w = model.manifest.preprocessing.size
+    noise = np.random.default_rng(0).integers(0, 256, (max(2 * h, 480), max(2 * w, 640), 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def warm_predict_path(models: ModelCache, model_id: str) -> None:
     """Load and warm the model, then answer one predict of a photo-sized JPEG through the code
     a real one takes (decode, preprocess, the predict engine, softmax, top-k, the reply), so
     that nothing on that path is first used by a request. The worker's warm-up runs it
-    (``workers.warmup``), and each serving thread again in its own thread (``_warm``)."""
+    (``workers.warmup``); each serving thread then serves one through Redis (``_warm``)."""
     model = models.get(model_id)
-    h, w = model.manifest.preprocessing.size
-    # A stored upload as the API stores a camera's photo (schemas.stored_images): a JPEG,
-    # at least VGA-sized (Pillow keeps the memory blocks of the largest images it decoded).
-    noise = np.random.default_rng(0).integers(0, 256, (max(2 * h, 480), max(2 * w, 640), 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(noise).save(buf, "JPEG", quality=90)
-    json.dumps(answer(model, [decode(buf.getvalue())], [PredictRequest("warm-up", ["warm-up"], 1, math.inf)]))
+    request = PredictRequest("warm-up", ["warm-up"], 1, math.inf)
+    json.dumps(answer(model, [decode(warm_up_photo(model))], [request]))
 
 
 class PredictBatcher:
@@ -218,9 +225,6 @@ class PredictBatcher:
                     pipe.rpush(keys.reply_key(request_id), json.dumps(reply))
                     pipe.expire(keys.reply_key(request_id), REPLY_TTL_S)
                 pipe.execute()
-        with self._lock:
-            self.batches += 1
-            self.requests += len(batch)
         return replies
 
     def _model(self, model_id: str) -> tuple[LoadedModel, float]:
@@ -242,18 +246,28 @@ class PredictBatcher:
         if got is None:
             return 0
         self.serve(*got)
+        with self._lock:
+            self.batches += 1
+            self.requests += len(got[1])
         return len(got[1])
 
     # --- the thread ---
 
     def _warm(self) -> None:
-        """Serve one predict of each warm model in this thread before taking requests: a new
-        thread's first batch pays for what the worker's warm-up on its main thread did not
-        warm (this thread's allocator arena, first decode and engine run in the thread)."""
+        """Serve one predict of each warm model in this thread, through Redis, before taking
+        requests: a new thread's first batch pays for what the worker's warm-up on its main
+        thread did not warm (this thread's allocator arena, decoder and engine run, and the
+        Redis round trips of a batch). The request is the thread's own (never queued), and
+        its input and reply are deleted after."""
         for model_id in self.models.loaded():
+            request = PredictRequest(f"warm-up-{uuid.uuid4().hex}", [f"warm-up-{uuid.uuid4().hex}"], 1, math.inf)
             try:
-                warm_predict_path(self.models, model_id)
-            except Exception:  # a request for it reports what is wrong
+                self.conn.set(keys.input_key(request.inputs[0]), warm_up_photo(self.models.get(model_id)), ex=60)
+                reply = self.serve(model_id, [request])[request.id]
+                self.conn.delete(keys.input_key(request.inputs[0]), keys.reply_key(request.id))
+                if "error" in reply:
+                    log.warning("predict batcher: cannot warm %s: %s", model_id, reply["error"]["message"])
+            except Exception:  # e.g. Redis restarting: a request for it reports what is wrong
                 log.warning("predict batcher: cannot warm %s", model_id, exc_info=True)
         with self._lock:
             self._warm_threads += 1
