@@ -406,12 +406,11 @@ def _onnx_engine(
     exporters: Sequence[str],
     tol: float,
     spin_wait: bool = True,
-    checked_sha256: str = "",
+    trusted: bool = False,
 ) -> tuple[ForwardFn, str]:
     """Load (exporting first when missing) and check the ONNX engine; returns (forward,
-    exporter that made the file or "" if it existed). An existing file whose SHA-256 is
-    ``checked_sha256`` passed its check before and is not checked again. Raises
-    :class:`EngineUnavailable`."""
+    exporter that made the file or "" if it existed). ``trusted``: the existing file passed
+    its check before (same bytes) and is not checked again. Raises :class:`EngineUnavailable`."""
     if device.type == "cuda":
         import onnxruntime as ort
 
@@ -425,7 +424,7 @@ def _onnx_engine(
             raise
         except Exception as e:  # a file ONNX Runtime cannot load: serve eager, say why
             raise EngineUnavailable(f"loading {path.name}: {type(e).__name__}: {e}") from e
-        if not checked_sha256 or file_sha256(path) != checked_sha256:
+        if not trusted:
             check_against_eager(eager, fwd, probe, (1, 3), tol)
         return fwd, ""
     errors = []
@@ -542,20 +541,21 @@ def build_engine(
             reason = cached["reason"]  # failed before on this device: do not pay for it again
         elif use_onnx:
             try:
-                checked = str((cached or {}).get("onnx_sha256", ""))  # on this device
+                # The file this device checked, byte for byte: not checked again.
+                checked = (cached or {}).get("onnx_sha256")
+                trusted = bool(checked) and onnx_path.exists() and file_sha256(onnx_path) == checked
                 forward, exporter = _onnx_engine(
-                    module, eager, onnx_path, shape, device, threads, exporters, tol, spin_wait, checked
+                    module, eager, onnx_path, shape, device, threads, exporters, tol, spin_wait, trusted
                 )
                 name = "onnxruntime-cuda" if device.type == "cuda" else "onnxruntime"
                 if exporter:
                     meta.update(exporter=exporter, torch=torch.__version__)
                     dirty = True
-                trusted = not exporter and bool(checked) and file_sha256(onnx_path) == checked
-                if not trusted and cached is not None and cached["engine"] == name and cached["batch_size"] > 3:
-                    n = cached["batch_size"]
-                    check_against_eager(eager, forward, probe_batch(shape, n, device), (n,), tol)
                 if not trusted and cached is not None and cached["engine"] == name:
-                    cached["onnx_sha256"] = file_sha256(onnx_path)  # checked at both sizes now
+                    n = cached["batch_size"]
+                    if n > 3:
+                        check_against_eager(eager, forward, probe_batch(shape, n, device), (n,), tol)
+                    cached["onnx_sha256"] = file_sha256(onnx_path)  # checked at 1, 3 and n now
                     dirty = True
             except EngineUnavailable as e:
                 name, forward, reason = "eager", eager, str(e)
